@@ -1,0 +1,23 @@
+"""Declares the one compiled module: the primary's accept loop and the fd handoff.
+
+Everything else lives in pyproject.toml. The module is built from src/dispatch.pyx
+into the package namespace as pyworker._dispatch.
+"""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension(
+        "pyworker._dispatch",
+        ["src/dispatch.pyx"],
+        extra_compile_args=["-O2"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["src"],
+        compiler_directives={"language_level": "3"},
+    )
+)
