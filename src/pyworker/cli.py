@@ -1,0 +1,156 @@
+"""The `cydispatch` command.
+
+Every flag can also be set through an environment variable of the same name,
+CYDISPATCH_<FLAG> (CYDISPATCH_WORKERS=4); a flag on the command line wins.
+Errors in what the user typed are one line on stderr and exit code 2; an
+address that cannot be listened on is one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyworker import __version__, logs
+from pyworker.listener import ListenError
+from pyworker.settings import LOG_LEVELS, MODES, POLICIES, Settings, env_default
+
+USAGE_ERROR = 2
+STARTUP_ERROR = 1
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse, with errors in one line instead of a usage dump."""
+
+    def error(self, message: str) -> None:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+    return value
+
+
+def env_flag(name: str) -> bool:
+    return str(env_default(name, "")).lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> CliParser:
+    defaults = Settings()
+    parser = CliParser(
+        prog="cydispatch",
+        description="Run a Python HTTP service on every core: one primary "
+                    "accepts connections and hands them to CPU-pinned workers.",
+    )
+    parser.add_argument("--version", action="version",
+                        version=f"cydispatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="start the server",
+        description="Start a primary and its workers.  In dispatch mode the "
+                    "primary accepts every connection and hands it to the "
+                    "worker the policy picks; reuseport and shared are the "
+                    "baselines the kernel balances.  Each flag can also be "
+                    "set as CYDISPATCH_<FLAG>, e.g. CYDISPATCH_WORKERS=4.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--host", default=env_default("host", defaults.host),
+                       help="address to listen on (a name, IPv4 or IPv6 literal)")
+    serve.add_argument("--port", type=port_number,
+                       default=env_default("port", defaults.port),
+                       help="TCP port; 0 picks a free one (the log says which)")
+    serve.add_argument("--workers", type=positive_int,
+                       default=env_default("workers", defaults.workers),
+                       help="worker processes (default: the CPUs this process "
+                            "may use)")
+    serve.add_argument("--mode", choices=MODES,
+                       default=env_default("mode", defaults.mode),
+                       help="dispatch: the primary accepts and hands out; "
+                            "reuseport: each worker has its own SO_REUSEPORT "
+                            "socket; shared: workers accept on one inherited socket")
+    serve.add_argument("--policy", choices=POLICIES,
+                       default=env_default("policy", defaults.policy),
+                       help="how dispatch mode picks a worker for a connection")
+    serve.add_argument("--no-pin", action="store_true",
+                       default=env_flag("no_pin"),
+                       help="do not pin each worker to one CPU")
+    serve.add_argument("--backlog", type=positive_int,
+                       default=env_default("backlog", defaults.backlog),
+                       help="listen backlog: connections the kernel queues")
+    serve.add_argument("--max-conns", type=positive_int,
+                       default=env_default("max_conns", defaults.max_conns),
+                       help="connections per worker in dispatch mode; when "
+                            "every worker is full, new ones wait in the backlog")
+    serve.add_argument("--graceful-timeout", type=seconds,
+                       default=env_default("graceful_timeout",
+                                           defaults.graceful_timeout),
+                       help="seconds a stop waits for requests in progress")
+    serve.add_argument("--keepalive-timeout", type=seconds,
+                       default=env_default("keepalive_timeout",
+                                           defaults.keepalive_timeout),
+                       help="seconds an idle keep-alive connection stays open")
+    serve.add_argument("--log-level", choices=LOG_LEVELS,
+                       default=env_default("log_level", defaults.log_level))
+    serve.set_defaults(run=run_serve)
+    return parser
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pyworker.supervisor import Arbiter
+
+    try:
+        settings = Settings(
+            host=args.host, port=int(args.port), workers=int(args.workers),
+            mode=args.mode, policy=args.policy, pin=not args.no_pin,
+            backlog=int(args.backlog), max_conns=int(args.max_conns),
+            graceful_timeout=float(args.graceful_timeout),
+            keepalive_timeout=float(args.keepalive_timeout),
+            log_level=args.log_level)
+    except ValueError as exc:
+        # Values that came from CYDISPATCH_* variables are checked here.
+        print(f"cydispatch: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    logs.configure(settings.log_level)
+    try:
+        return Arbiter(settings).run()
+    except ListenError as exc:
+        print(f"cydispatch: error: {exc}", file=sys.stderr)
+        return STARTUP_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return USAGE_ERROR
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""HTTP/1.1 on httptools: keep-alive, pipelining, HEAD, and bad input answered, not fatal.
+
+One HttpProtocol per connection.  Requests are answered as they complete, in
+order, so pipelined requests get their responses in the order they were sent.
+A malformed request gets 400, an oversized head 431, an oversized body 413;
+each closes the connection and nothing else: the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+from http import HTTPStatus
+
+import httptools
+
+log = logging.getLogger("cydispatch.worker")
+
+# The request line and headers together: beyond this, 431.
+MAX_HEAD_BYTES = 64 * 1024
+# A body sent to a route that takes none is read and dropped up to this; 413 beyond.
+MAX_DISCARDED_BODY_BYTES = 1024 * 1024
+
+SERVER_HEADER = b"Server: cydispatch\r\n"
+CONTENT_TYPE = b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: "
+STATUS_LINES = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()
+    for status in HTTPStatus
+}
+KEEP_ALIVE_HEADER = {  # (HTTP/1.1 request?, keep the connection?) -> header
+    (True, True): b"",
+    (True, False): b"Connection: close\r\n",
+    (False, True): b"Connection: keep-alive\r\n",
+    (False, False): b"Connection: close\r\n",
+}
+
+
+def date_header() -> bytes:
+    return b"Date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
+
+
+class RequestRejected(Exception):
+    """Raised from a parser callback to answer `status` and close."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class StopParsing(Exception):
+    """Raised from a parser callback to ignore the rest of the input."""
+
+
+class HttpProtocol(asyncio.Protocol):
+    """Serves one connection.
+
+    `server` is the worker: it knows the current Date header, a coarse clock
+    for idle timeouts, whether it is draining, and counts connections.
+    """
+
+    __slots__ = (
+        "server", "app", "transport", "parser", "target", "head_bytes",
+        "head_seen", "in_body", "body_bytes", "closing", "close_after",
+        "last_active",
+    )
+
+    def __init__(self, server, app) -> None:
+        self.server = server
+        self.app = app
+        self.transport = None
+        self.parser = None
+        self.target = b""
+        self.head_bytes = 0     # exact, from the parser: target and headers
+        self.head_seen = 0      # bytes received since the head began, a bound
+        self.in_body = False
+        self.body_bytes = 0
+        self.closing = False
+        self.close_after = server.draining  # answer one request, then close
+        self.last_active = server.now
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.parser = httptools.HttpRequestParser(self)
+        self.server.connection_opened(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.server.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read its responses: stop reading its requests.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_active = self.server.now
+        if not self.in_body:
+            self.head_seen += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestRejected):
+                self.reject(cause.status)
+            elif not isinstance(cause, StopParsing):
+                log.exception("request handling failed", exc_info=cause)
+                self.reject(500)
+        except httptools.HttpParserUpgrade:
+            # Upgrades (WebSocket, h2c) are not served; the request before the
+            # upgrade point was answered and the connection closes after it.
+            self.close()
+        except httptools.HttpParserError:
+            self.reject(400)
+        else:
+            # A head still arriving after this many bytes is too large, even
+            # if the parser has not yet seen where its headers end.
+            if not self.in_body and self.head_seen > MAX_HEAD_BYTES \
+                    and not self.closing:
+                self.reject(431)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise StopParsing()
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+        self.head_bytes += len(url)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise RequestRejected(431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise RequestRejected(431)
+
+    def on_headers_complete(self) -> None:
+        self.in_body = True
+        self.head_seen = 0
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        if self.body_bytes > MAX_DISCARDED_BODY_BYTES:
+            raise RequestRejected(413)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        method = parser.get_method()
+        keep_alive = (parser.should_keep_alive() and not self.close_after
+                      and not parser.should_upgrade())
+        http11 = parser.get_http_version() == "1.1"
+        target = self.target
+        self.target = b""
+        self.head_bytes = self.head_seen = self.body_bytes = 0
+        self.in_body = False
+        try:
+            status, body = self.app(method, target)
+        except Exception:
+            log.exception("application error on %r", target)
+            status, body, keep_alive = 500, b"Internal Server Error\n", False
+        self.respond(status, body, keep_alive, http11, method == b"HEAD")
+        if not keep_alive:
+            self.close()
+
+    # Responses
+
+    def respond(self, status: int, body: bytes, keep_alive: bool, http11: bool,
+                head: bool = False) -> None:
+        extra = b"Allow: GET, HEAD\r\n" if status == 405 else b""
+        self.transport.write(b"".join((
+            STATUS_LINES[status], SERVER_HEADER, self.server.date_header,
+            CONTENT_TYPE, b"%d\r\n" % len(body),
+            KEEP_ALIVE_HEADER[http11, keep_alive], extra, b"\r\n",
+            b"" if head else body,
+        )))
+        self.last_active = self.server.now
+
+    def reject(self, status: int) -> None:
+        """Answer a request that cannot be served, then close."""
+        if self.closing:
+            return
+        phrase = HTTPStatus(status).phrase
+        self.respond(status, f"{phrase}\n".encode(), False, True)
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        self.transport.close()
+
+    # Called by the worker
+
+    def shutdown(self) -> None:
+        """The worker is stopping: close now if idle, else after this response."""
+        self.close_after = True
+        if not self.closing and self.head_seen == 0 and not self.in_body:
+            self.close()

@@ -1,0 +1,56 @@
+"""Binding the listening socket, the same way for the primary and the workers."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+
+class ListenError(Exception):
+    """The address cannot be listened on; the message is meant for the user."""
+
+
+def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port as a URL authority, with IPv6 literals in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int, backlog: int, *, reuseport: bool = False,
+         listen: bool = True) -> socket.socket:
+    """A non-blocking TCP socket bound to host:port, listening unless told not to.
+
+    `reuseport` sets SO_REUSEPORT so several sockets share the port, each with
+    its own accept queue (the kernel spreads connections over them by hash).
+    """
+    family, sockaddr = resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Restarting must not wait for TIME_WAIT connections of the last run.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+        if listen:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = format_address(host, port)
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"cannot listen on {where}: address already in use") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ListenError(f"cannot listen on {where}: no such local address") from None
+        if exc.errno == errno.EACCES:
+            raise ListenError(f"cannot listen on {where}: permission denied") from None
+        raise ListenError(f"cannot listen on {where}: {exc.strerror}") from None
+    return sock

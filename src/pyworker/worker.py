@@ -1,0 +1,218 @@
+"""A worker process: pinned to one CPU, serving HTTP on uvloop and httptools.
+
+The primary starts it as `python -m pyworker.worker SPEC` (SPEC is JSON, see
+WorkerSpec) with its end of the channel, its load page and, in shared mode,
+the listening socket as inherited fds.  In dispatch mode connections arrive
+over the channel; in the baseline modes the worker accepts them itself.  The
+HTTP layer and the app are the same in all three.
+
+It exits when the primary says stop, on SIGTERM, or when the channel ends
+(the primary died): in each case it finishes the requests it holds first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import uvloop
+
+from pyworker import logs
+from pyworker._dispatch import WorkerChannel, WorkerState
+from pyworker.app import HelloApp
+from pyworker.http import HttpProtocol, date_header
+from pyworker.listener import ListenError, bind, resolve
+from pyworker.settings import Settings
+
+log = logging.getLogger("cydispatch.worker")
+
+# The supervisor reads this exit code as "could not start at all".
+WORKER_BOOT_ERROR = 3
+TICK_SECONDS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """What the primary tells a worker it starts."""
+
+    settings: Settings
+    slot: int
+    cpu: int | None         # the CPU to pin to; None with --no-pin
+    channel_fd: int
+    load_fd: int
+    listen_fd: int = -1     # shared mode only
+
+    def to_json(self) -> str:
+        fields = dataclasses.asdict(self)
+        fields["settings"] = dataclasses.asdict(self.settings)
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        fields = json.loads(text)
+        fields["settings"] = Settings(**fields["settings"])
+        return cls(**fields)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.settings = spec.settings
+        self.app = HelloApp()
+        self.connections: set[HttpProtocol] = set()
+        # Dispatch mode counts a connection when its fd arrives (the channel
+        # does it); the baseline modes when uvloop has accepted it.
+        self.count_on_open = self.settings.mode != "dispatch"
+        self.family = resolve(self.settings.host, self.settings.port)[0]
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.now = time.monotonic()
+        self.date_header = date_header()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.channel: WorkerChannel | None = None
+        self.server: asyncio.AbstractServer | None = None
+
+    def run(self) -> int:
+        spec = self.spec
+        if spec.cpu is not None:
+            os.sched_setaffinity(0, {spec.cpu})
+        self.channel = WorkerChannel(spec.channel_fd, spec.load_fd)
+        os.close(spec.load_fd)   # mapped; the fd itself is not needed
+        self.loop = loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        # Ctrl-C reaches the whole process group; the primary leads the stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        loop.add_signal_handler(signal.SIGTERM, self.drain)
+        loop.add_signal_handler(signal.SIGQUIT, loop.stop)
+        loop.add_reader(self.channel.fileno(), self.on_channel_readable)
+        if self.settings.mode != "dispatch":
+            self.server = loop.run_until_complete(loop.create_server(
+                self.new_protocol, sock=self.open_listener(),
+                backlog=self.settings.backlog))
+        self.channel.report(WorkerState.WORKER_READY)
+        loop.call_later(TICK_SECONDS, self.tick)
+        try:
+            loop.run_forever()
+        finally:
+            self.channel.close()
+        return 0
+
+    def open_listener(self) -> socket.socket:
+        settings = self.settings
+        if settings.mode == "shared":
+            return socket.socket(fileno=self.spec.listen_fd)
+        return bind(settings.host, settings.port, settings.backlog, reuseport=True)
+
+    def new_protocol(self) -> HttpProtocol:
+        return HttpProtocol(self, self.app)
+
+    # The channel
+
+    def on_channel_readable(self) -> None:
+        fds, stop, closed = self.channel.receive()
+        for fd in fds:
+            self.loop.create_task(self.adopt(fd))
+        if closed:
+            log.warning("Worker %d: the primary is gone; finishing up", os.getpid())
+            self.loop.remove_reader(self.channel.fileno())
+            self.channel.close()
+            self.drain()
+        elif self.channel.backlogged:
+            # The primary's socket is full: wait until our reports fit before
+            # taking more (an acknowledgement must never be lost).
+            self.loop.remove_reader(self.channel.fileno())
+            self.loop.add_writer(self.channel.fileno(), self.on_channel_writable)
+        if stop:
+            self.drain()
+
+    def on_channel_writable(self) -> None:
+        if self.channel.flush():
+            self.loop.remove_writer(self.channel.fileno())
+            self.loop.add_reader(self.channel.fileno(), self.on_channel_readable)
+
+    async def adopt(self, fd: int) -> None:
+        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd)
+        protocol = HttpProtocol(self, self.app)
+        try:
+            await self.loop.connect_accepted_socket(lambda: protocol, sock)
+        except Exception as exc:
+            if protocol.transport is None:
+                # Never opened, so never closed: uncount it here.
+                log.warning("could not serve a handed connection: %s", exc)
+                sock.close()
+                self.channel.open_connections -= 1
+                self.exit_if_done()
+
+    # Connection accounting, called by HttpProtocol
+
+    def connection_opened(self, protocol: HttpProtocol) -> None:
+        self.connections.add(protocol)
+        if self.count_on_open:
+            self.channel.open_connections += 1
+
+    def connection_closed(self, protocol: HttpProtocol) -> None:
+        self.connections.discard(protocol)
+        self.channel.open_connections -= 1
+        if self.draining:
+            self.exit_if_done()
+
+    # Stopping
+
+    def drain(self) -> None:
+        """Take no new work, finish what is in progress, close idle connections."""
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_deadline = time.monotonic() + self.settings.graceful_timeout
+        self.channel.report(WorkerState.WORKER_DRAINING)
+        if self.server is not None:
+            self.server.close()
+        for protocol in list(self.connections):
+            protocol.shutdown()
+        self.exit_if_done()
+
+    def exit_if_done(self) -> None:
+        if self.draining and self.channel.open_connections == 0:
+            self.loop.stop()
+
+    def tick(self) -> None:
+        self.now = time.monotonic()
+        self.date_header = date_header()
+        # last_active has a resolution of one tick: allow one more so that no
+        # connection is closed before it has been idle for the full timeout.
+        cutoff = self.now - self.settings.keepalive_timeout - TICK_SECONDS
+        for protocol in list(self.connections):
+            if protocol.last_active < cutoff and not protocol.closing:
+                protocol.close()
+        if self.draining and self.now >= self.drain_deadline:
+            log.warning("Worker %d: graceful timeout; closing %d connections",
+                        os.getpid(), len(self.connections))
+            self.loop.stop()
+            return
+        self.loop.call_later(TICK_SECONDS, self.tick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = WorkerSpec.from_json(argv[0])
+    logs.configure(spec.settings.log_level)
+    try:
+        worker = Worker(spec)
+        return worker.run()
+    except ListenError as exc:
+        log.error("Worker %d cannot start: %s", os.getpid(), exc)
+        return WORKER_BOOT_ERROR
+    except Exception:
+        log.exception("Worker %d cannot start", os.getpid())
+        return WORKER_BOOT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
