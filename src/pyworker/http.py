@@ -61,7 +61,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "server", "app", "transport", "parser", "target", "head_bytes",
         "head_seen", "in_body", "body_bytes", "closing", "close_after",
-        "last_active",
+        "last_active", "served",
     )
 
     def __init__(self, server, app) -> None:
@@ -77,6 +77,7 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False
         self.close_after = server.draining  # answer one request, then close
         self.last_active = server.now
+        self.served = 0
 
     # asyncio.Protocol
 
@@ -166,6 +167,7 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("application error on %r", target)
             status, body, keep_alive = 500, b"Internal Server Error\n", False
         self.respond(status, body, keep_alive, http11, method == b"HEAD")
+        self.served += 1
         if not keep_alive:
             self.close()
 
@@ -197,7 +199,13 @@ class HttpProtocol(asyncio.Protocol):
     # Called by the worker
 
     def shutdown(self) -> None:
-        """The worker is stopping: close now if idle, else after this response."""
+        """The worker is stopping: close now if idle, else after the next response.
+
+        Idle means between requests on a connection that has served one; a new
+        connection is about to send its first request (it may already be in
+        the socket buffer), so it gets that request answered first.
+        """
         self.close_after = True
-        if not self.closing and self.head_seen == 0 and not self.in_body:
+        if (not self.closing and self.served and self.head_seen == 0
+                and not self.in_body):
             self.close()
