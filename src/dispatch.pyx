@@ -58,6 +58,10 @@ cdef uint64_t TAG_WAKE = 2ULL << 40
 # enough not to spin, short enough that service resumes as soon as
 # connections close.
 cdef double ACCEPT_PAUSE_SECONDS = 0.1
+# A worker that could not install a handoff (out of descriptors) gets nothing
+# beyond its current load for this long, so its connections are not bounced
+# between full workers in a loop.
+cdef double WORKER_FULL_SECONDS = 1.0
 
 
 # Wire format.  Both ends are this module on one machine, so native layout.
@@ -92,6 +96,7 @@ cpdef enum Event:           # what run() returns: (event, slot) or (event, errno
     EVENT_CLOSED = 4            # the worker's channel closed: it is gone
     EVENT_ACCEPT_PAUSED = 8     # accept failed for lack of descriptors or memory
     EVENT_ACCEPT_RESUMED = 16   # a connection was accepted again after a pause
+    EVENT_WORKER_FULL = 32      # the worker ran out of descriptors
 
 POLICIES = ("least-conn", "round-robin")
 cdef enum Policy:
@@ -249,6 +254,9 @@ cdef struct Slot:
     bint congested          # its channel was full; skipped until it reports
     bint stop_pending       # COMMAND_STOP could not be sent yet
     uint32_t *open          # the worker's count of open connections (shared)
+    uint32_t full_at        # load at which it ran out of descriptors...
+    double full_until       # ...which caps it until then; 0 when not capped
+    bint starved            # out of descriptors since its last full take
     uint32_t events         # EVENT_* bits not yet returned to Python
     uint64_t handed_total   # connections handed to this worker, for stats
     FdQueue handed          # sent, not yet acknowledged, oldest first
@@ -276,8 +284,9 @@ cdef class Dispatcher:
         FdQueue orphans         # to re-dispatch: their worker never took them
         bint listener_armed
         double resume_accept_at  # end of an EMFILE pause; 0 when not paused
+        bint accept_paused      # from a failed accept to the next success
         int pause_errno
-        uint32_t accept_events
+        uint32_t accept_events  # EVENT_ACCEPT_* not yet returned to Python
         bint has_events
         uint64_t accepted_total
         uint64_t redispatched_total
@@ -379,6 +388,8 @@ cdef class Dispatcher:
         s.channel = channel_fd
         self._watch(channel_fd, <uint64_t>slot, EPOLLIN)
         s.state = SLOT_STARTING
+        s.full_until = 0
+        s.starved = False
         s.congested = False
         s.stop_pending = False
         s.events = 0
@@ -533,6 +544,10 @@ cdef class Dispatcher:
             load = s.open[0] + s.handed.count + s.batch_len
             if load >= self.max_conns:
                 continue
+            if s.full_until != 0 and load >= s.full_at:
+                if monotonic() < s.full_until:
+                    continue
+                s.full_until = 0
             if self.policy == POLICY_ROUND_ROBIN:
                 return i
             if load < best_load:
@@ -575,8 +590,9 @@ cdef class Dispatcher:
                     self._pause_accepting(err)
                     break
                 raise_errno(err)
-            if self.accept_events & EVENT_ACCEPT_PAUSED:
-                self.accept_events = EVENT_ACCEPT_RESUMED
+            if self.accept_paused:
+                self.accept_paused = False
+                self.accept_events |= EVENT_ACCEPT_RESUMED
                 self.has_events = True
             self.accepted_total += 1
             self._assign(target, fd)
@@ -587,8 +603,9 @@ cdef class Dispatcher:
         # Retrying at once would spin: nothing frees a descriptor until some
         # connection closes.  The connections wait in the kernel backlog.
         self.resume_accept_at = monotonic() + ACCEPT_PAUSE_SECONDS
-        if not self.accept_events & EVENT_ACCEPT_PAUSED:
-            self.accept_events = EVENT_ACCEPT_PAUSED
+        if not self.accept_paused:   # said once a pause, however long
+            self.accept_paused = True
+            self.accept_events |= EVENT_ACCEPT_PAUSED
             self.pause_errno = err
             self.has_events = True
 
@@ -676,6 +693,15 @@ cdef class Dispatcher:
                 else:
                     # The worker could not install it (out of descriptors).
                     fdq_push(&self.orphans, fdq_pop(&s.handed))
+            if report.taken < report.handed:
+                if not s.starved:   # said once an episode, however long
+                    s.starved = True
+                    s.events |= EVENT_WORKER_FULL
+                    self.has_events = True
+                s.full_at = s.open[0]
+                s.full_until = monotonic() + WORKER_FULL_SECONDS
+            else:
+                s.starved = False
         if report.state == WORKER_READY and s.state == SLOT_STARTING:
             s.state = SLOT_ACTIVE
             s.events |= EVENT_READY
@@ -724,14 +750,15 @@ cdef class Dispatcher:
         if not self.has_events:
             return events
         for i in range(self.nslots):
-            for bit in (EVENT_READY, EVENT_DRAINING, EVENT_CLOSED):
+            for bit in (EVENT_READY, EVENT_DRAINING, EVENT_CLOSED,
+                        EVENT_WORKER_FULL):
                 if self.slots[i].events & bit:
                     events.append((bit, i))
             self.slots[i].events = 0
-        if self.accept_events:
-            events.append((self.accept_events, self.pause_errno))
-            # Keep PAUSED set so the first successful accept reports RESUMED.
-            self.accept_events &= EVENT_ACCEPT_PAUSED
+        for bit in (EVENT_ACCEPT_PAUSED, EVENT_ACCEPT_RESUMED):
+            if self.accept_events & bit:
+                events.append((bit, self.pause_errno))
+        self.accept_events = 0
         self.has_events = False
         return events
 

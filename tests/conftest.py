@@ -15,11 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-CYDISPATCH = shutil.which("cydispatch", path=os.path.dirname(sys.executable)) or shutil.which("cydispatch")
+# The command installed next to this Python (a virtualenv), else on PATH.
+CYDISPATCH = (shutil.which("cydispatch", path=os.path.dirname(sys.executable))
+              or shutil.which("cydispatch"))
 # Generous: the machine is small and shared; conditions are polled, so a fast
 # run does not wait for these.
 DEADLINE = 30.0

@@ -39,6 +39,9 @@ class Connection:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
     def close(self) -> None:
         self.stream.close()
         self.sock.close()

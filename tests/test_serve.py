@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import time
@@ -191,7 +192,7 @@ def test_round_robin_alternates(start_server):
     distinct_workers_answer(server)   # both workers are ready
     pids = pids_answering(server, 20)
     assert len(set(pids)) == 2
-    assert all(a != b for a, b in zip(pids, pids[1:])), pids
+    assert all(a != b for a, b in zip(pids, pids[1:], strict=False)), pids
 
 
 def test_least_conn_avoids_the_worker_holding_connections(start_server):
@@ -233,3 +234,83 @@ def test_full_workers_leave_connections_in_the_backlog(start_server):
             time.sleep(0.01)
         first.close()
         assert second.response().status == 200
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_waits_without_spinning_and_loses_nothing(start_server):
+    # 64 descriptors per process: two workers hold ~100 connections between them.
+    server = start_server("--keepalive-timeout", "60",
+                          wrapper=("prlimit", "--nofile=64:64"))
+    conns = []
+    for _ in range(150):
+        conn = Connection(server.host, server.port)
+        conn.request("/")
+        conns.append(conn)
+    try:
+        starved = r"out of file descriptors|Cannot accept connections \(EMFILE\)"
+        server.wait_for_log(starved)
+        # Stalled: nothing frees a descriptor until clients close. The primary
+        # must sleep through this, not retry in a loop.
+        before = cpu_seconds(server.pid)
+        time.sleep(2.5)
+        assert cpu_seconds(server.pid) - before < 0.5
+        said = server.find(r"Worker \d+ is out of file descriptors")
+        assert len(said) <= 2, "said once per worker, not once per retry"
+        # Clients that got their answer leave; the rest are then served.
+        pending = list(conns)
+        served = 0
+        deadline = time.monotonic() + DEADLINE
+        while pending and time.monotonic() < deadline:
+            readable, _, _ = select.select(pending, [], [], 0.2)
+            for conn in readable:
+                assert conn.response().status == 200
+                conn.close()
+                pending.remove(conn)
+                served += 1
+        assert served == 150, f"{len(pending)} connections never answered"
+    finally:
+        for conn in conns:
+            conn.close()
+    assert server.find(r"Accepting connections again") or not server.find(
+        r"Cannot accept connections")
+    assert not server.find("died")
+
+
+def busy_worker(server, conn, path: str) -> int:
+    """Send `path` and wait until a worker is burning CPU on it; its pid."""
+    (pid,) = server.started_workers()
+    before = cpu_seconds(pid)
+    conn.request(path)
+    wait_until(lambda: cpu_seconds(pid) - before >= 0.05,
+               message="the worker to start on the request")
+    return pid
+
+
+def test_graceful_timeout_kills_what_does_not_finish(start_server):
+    server = start_server("--graceful-timeout", "0.2", workers=1)
+    with Connection(server.host, server.port) as conn:
+        busy_worker(server, conn, "/slow?ms=1000")
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(DEADLINE) == 0
+        with pytest.raises(ConnectionError):
+            conn.response()
+    server.wait_for_log(r"Graceful timeout: killing 1 workers")
+    assert not processes_in_group(server.pgid)
+
+
+def test_second_sigint_stops_at_once(start_server):
+    server = start_server("--graceful-timeout", "60", workers=1)
+    with Connection(server.host, server.port) as conn:
+        busy_worker(server, conn, "/slow?ms=1000")
+        conn.request("/slow?ms=1000")     # pipelined: more work held
+        server.proc.send_signal(signal.SIGINT)
+        server.wait_for_log(r"Stopping: finishing requests in progress")
+        server.proc.send_signal(signal.SIGINT)
+        server.wait_for_log(r"Stopping now")
+        assert server.proc.wait(DEADLINE) == 0
+    assert not processes_in_group(server.pgid)

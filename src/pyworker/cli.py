@@ -77,45 +77,60 @@ def build_parser() -> CliParser:
                     "primary accepts every connection and hands it to the "
                     "worker the policy picks; reuseport and shared are the "
                     "baselines the kernel balances.  Each flag can also be "
-                    "set as CYDISPATCH_<FLAG>, e.g. CYDISPATCH_WORKERS=4.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "set as CYDISPATCH_<FLAG>, e.g. CYDISPATCH_WORKERS=4.")
     serve.add_argument("--host", default=env_default("host", defaults.host),
-                       help="address to listen on (a name, IPv4 or IPv6 literal)")
+                       metavar="HOST",
+                       help="address to listen on: a name, an IPv4 or IPv6 "
+                            "literal (default: %(default)s)")
     serve.add_argument("--port", type=port_number,
                        default=env_default("port", defaults.port),
-                       help="TCP port; 0 picks a free one (the log says which)")
+                       metavar="PORT",
+                       help="TCP port; 0 picks a free one, which the log shows "
+                            "(default: %(default)s)")
     serve.add_argument("--workers", type=positive_int,
                        default=env_default("workers", defaults.workers),
-                       help="worker processes (default: the CPUs this process "
-                            "may use)")
+                       metavar="N",
+                       help="worker processes (default: %(default)s, the CPUs "
+                            "this process may use)")
     serve.add_argument("--mode", choices=MODES,
                        default=env_default("mode", defaults.mode),
                        help="dispatch: the primary accepts and hands out; "
                             "reuseport: each worker has its own SO_REUSEPORT "
-                            "socket; shared: workers accept on one inherited socket")
+                            "socket; shared: workers accept on one inherited "
+                            "socket (default: %(default)s)")
     serve.add_argument("--policy", choices=POLICIES,
                        default=env_default("policy", defaults.policy),
-                       help="how dispatch mode picks a worker for a connection")
+                       help="how dispatch mode picks a worker for a connection "
+                            "(default: %(default)s)")
     serve.add_argument("--no-pin", action="store_true",
                        default=env_flag("no_pin"),
                        help="do not pin each worker to one CPU")
     serve.add_argument("--backlog", type=positive_int,
                        default=env_default("backlog", defaults.backlog),
-                       help="listen backlog: connections the kernel queues")
+                       metavar="N",
+                       help="listen backlog: connections the kernel queues "
+                            "(default: %(default)s)")
     serve.add_argument("--max-conns", type=positive_int,
                        default=env_default("max_conns", defaults.max_conns),
+                       metavar="N",
                        help="connections per worker in dispatch mode; when "
-                            "every worker is full, new ones wait in the backlog")
+                            "every worker is full, new ones wait in the "
+                            "backlog (default: %(default)s)")
     serve.add_argument("--graceful-timeout", type=seconds,
                        default=env_default("graceful_timeout",
                                            defaults.graceful_timeout),
-                       help="seconds a stop waits for requests in progress")
+                       metavar="SECONDS",
+                       help="how long a stop waits for requests in progress "
+                            "(default: %(default)s)")
     serve.add_argument("--keepalive-timeout", type=seconds,
                        default=env_default("keepalive_timeout",
                                            defaults.keepalive_timeout),
-                       help="seconds an idle keep-alive connection stays open")
+                       metavar="SECONDS",
+                       help="how long an idle keep-alive connection stays "
+                            "open (default: %(default)s)")
     serve.add_argument("--log-level", choices=LOG_LEVELS,
-                       default=env_default("log_level", defaults.log_level))
+                       default=env_default("log_level", defaults.log_level),
+                       help="(default: %(default)s)")
     serve.set_defaults(run=run_serve)
     return parser
 

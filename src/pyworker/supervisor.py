@@ -151,12 +151,14 @@ class Arbiter:
         return self.exit_code
 
     def sleep_time(self) -> float:
-        wait = TICK_SECONDS
+        """Until the next timer: a delayed respawn or the stop deadline."""
         now = time.monotonic()
-        for slot in self.slots:
-            if slot.pid is None:
-                wait = min(wait, max(0.0, slot.start_at - now))
-        return wait
+        due = [now + TICK_SECONDS]
+        if self.stopping and not self.killed:
+            due.append(self.stop_deadline)
+        elif not self.stopping:
+            due += [slot.start_at for slot in self.slots if slot.pid is None]
+        return max(0.0, min(due) - now)
 
     def handle_event(self, event: int, arg: int) -> None:
         if event == Event.EVENT_READY:
@@ -170,6 +172,10 @@ class Arbiter:
                      self.slots[arg].pid)
         elif event == Event.EVENT_CLOSED:
             log.debug("Worker %d closed its channel", self.slots[arg].pid)
+        elif event == Event.EVENT_WORKER_FULL:
+            log.warning("Worker %d is out of file descriptors; it gets no new "
+                        "connections until some of its own close",
+                        self.slots[arg].pid)
         elif event == Event.EVENT_ACCEPT_PAUSED:
             log.warning("Cannot accept connections (%s); pausing, they wait in the "
                         "backlog until descriptors free up", errno.errorcode[arg])
