@@ -259,6 +259,7 @@ cdef struct Slot:
     bint starved            # out of descriptors since its last full take
     uint32_t events         # EVENT_* bits not yet returned to Python
     uint64_t handed_total   # connections handed to this worker, for stats
+    uint32_t orphaned       # left for others when its channel closed
     FdQueue handed          # sent, not yet acknowledged, oldest first
     int batch_len
     int batch[MAX_FDS_PER_MESSAGE]  # accepted this wake-up, not yet sent
@@ -394,6 +395,7 @@ cdef class Dispatcher:
         s.stop_pending = False
         s.events = 0
         s.handed_total = 0
+        s.orphaned = 0
         s.batch_len = 0
 
     def detach(self, int slot):
@@ -402,10 +404,15 @@ cdef class Dispatcher:
         Its last acknowledgements are read first; whatever it never took is
         queued for another worker.  Returns how many connections that is.
         """
-        if slot >= self.nslots or self.slots[slot].channel < 0:
+        cdef uint32_t orphaned
+        if slot >= self.nslots:
             return 0
-        self._read_reports(slot)
-        return self._close_slot(slot, False)
+        if self.slots[slot].channel >= 0:
+            self._read_reports(slot)
+            self._close_slot(slot, False)
+        orphaned = self.slots[slot].orphaned
+        self.slots[slot].orphaned = 0
+        return orphaned
 
     def retire(self, int slot):
         """Hand `slot` nothing more, then tell its worker to stop."""
@@ -733,6 +740,7 @@ cdef class Dispatcher:
             s.open = NULL
         s.state = SLOT_EMPTY
         s.stop_pending = False
+        s.orphaned = orphaned
         if notify:
             s.events |= EVENT_CLOSED
             self.has_events = True

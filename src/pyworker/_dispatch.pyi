@@ -1,0 +1,61 @@
+"""What Python sees of the compiled dispatcher (src/dispatch.pyx)."""
+
+import enum
+
+POLICIES: tuple[str, ...]
+
+class WorkerState(enum.IntEnum):
+    WORKER_STARTING = 0
+    WORKER_READY = 1
+    WORKER_DRAINING = 2
+
+class Event(enum.IntEnum):
+    EVENT_READY = 1
+    EVENT_DRAINING = 2
+    EVENT_CLOSED = 4
+    EVENT_ACCEPT_PAUSED = 8
+    EVENT_ACCEPT_RESUMED = 16
+    EVENT_WORKER_FULL = 32
+
+def send_fds(channel: int, fds: list[int], batch: int = 253) -> int:
+    """Hand fds over a channel in messages of at most `batch`; the message count."""
+
+class Dispatcher:
+    """The primary's accept loop. Owns the listening fd and every attached channel."""
+
+    def __init__(self, listen_fd: int = -1, wake_fd: int = -1,
+                 policy: str = "least-conn", max_conns: int = 1024) -> None: ...
+    def attach(self, slot: int, channel_fd: int, load_fd: int) -> None:
+        """A new worker in `slot`: its channel (owned from now on) and load page."""
+    def detach(self, slot: int) -> int:
+        """The worker in `slot` exited; how many of its connections go to others."""
+    def retire(self, slot: int) -> None:
+        """Hand `slot` nothing more, then tell its worker to stop."""
+    def close_listener(self) -> int:
+        """Hand out what the backlog holds, then close; how many that was."""
+    def load(self, slot: int) -> tuple[int, int, int]:
+        """(open, in_flight, handed_total) for the worker in `slot`."""
+    def run(self, timeout: float) -> list[tuple[int, int]]:
+        """Serve until Python has work: [(Event, slot or errno), ...]."""
+    @property
+    def orphans(self) -> int: ...
+    @property
+    def accepted(self) -> int: ...
+    @property
+    def redispatched(self) -> int: ...
+    @property
+    def listening(self) -> bool: ...
+
+class WorkerChannel:
+    """A worker's end of its channel."""
+
+    def __init__(self, fd: int, load_fd: int = -1) -> None: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+    open_connections: int
+    @property
+    def backlogged(self) -> bool: ...
+    def receive(self) -> tuple[list[int], bool, bool]:
+        """(fds, stop, closed); each handoff acknowledged before this returns."""
+    def report(self, state: int) -> None: ...
+    def flush(self) -> bool: ...
