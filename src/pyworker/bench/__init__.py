@@ -1,0 +1,1 @@
+"""Benchmarks: drive wrk against every mode side by side."""
