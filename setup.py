@@ -10,6 +10,7 @@ extensions = [
     Extension(
         "pyworker._dispatch",
         ["src/dispatch.pyx"],
+        include_dirs=["src"],
         extra_compile_args=["-O2"],
     )
 ]

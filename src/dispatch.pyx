@@ -13,9 +13,14 @@ the batch.  A worker acknowledges a batch as soon as it has received it and
 before it reads a byte, so a connection that was never acknowledged was never
 touched and can be handed to another worker if its worker goes away.
 
-Each worker also owns a shared page where it keeps the number of connections
-it holds open; least-conn reads it directly, so closing a connection costs
-the worker no message and the primary no wake-up.
+Each worker shares a load page with the primary (LoadPage): how many
+connections it holds open, and how many of those it has not started reading
+yet, its queue.  least-conn reads the open count directly, so closing a
+connection costs the worker no message and the primary no wake-up.  A worker
+whose queue holds `queue_depth` connections gets no more: new connections
+wait in the listener's backlog, one queue for all workers, and go to the
+first worker that catches up.  A request stuck behind a slow one in a
+worker's queue is what makes tail latency; a shared queue keeps that short.
 """
 
 cimport cython
@@ -29,7 +34,8 @@ from posix.uio cimport iovec
 from posix.unistd cimport close, read
 
 from system cimport (
-    CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_SPACE, EPOLL_CLOEXEC,
+    atomic_add_u32, atomic_exchange_u32, atomic_load_u32, atomic_store_u32,
+    atomic_sub_u32, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_SPACE, EPOLL_CLOEXEC,
     EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, MAP_FAILED,
     MAP_SHARED, MSG_CMSG_CLOEXEC, MSG_CTRUNC, MSG_DONTWAIT, MSG_NOSIGNAL,
     PROT_READ, PROT_WRITE, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_NONBLOCK,
@@ -83,6 +89,20 @@ cdef struct ReportMessage:  # worker -> primary
 cdef struct HandoffControl:  # ancillary buffer for one handoff
     cmsghdr header
     int fds[MAX_FDS_PER_MESSAGE]
+
+
+# The page a worker shares with the primary (a memfd both map).
+#
+# The nudge is a store-then-load handshake on each side, so that the primary
+# cannot go to sleep waiting for a worker to have room while the worker makes
+# room unseen: the primary sets `nudge` and then reads the counts; the worker
+# lowers a count and then reads `nudge`, and if it is set, clears it and sends
+# a report, which wakes the primary.  With sequentially consistent accesses at
+# least one side sees the other's write.
+cdef struct LoadPage:
+    uint32_t open       # connections the worker holds (written by the worker)
+    uint32_t queued     # of those, not yet read from (written by the worker)
+    uint32_t nudge      # set by the primary, cleared by the worker
 
 
 cpdef enum WorkerState:     # a worker's state, as it reports it
@@ -237,13 +257,12 @@ def send_fds(int channel, fds, int batch=MAX_FDS_PER_MESSAGE):
     return messages
 
 
-cdef uint32_t *map_load_page(int load_fd, bint writable) except NULL:
-    cdef void *page = mmap(NULL, LOAD_PAGE_SIZE,
-                           PROT_READ | (PROT_WRITE if writable else 0),
+cdef LoadPage *map_load_page(int load_fd) except NULL:
+    cdef void *page = mmap(NULL, LOAD_PAGE_SIZE, PROT_READ | PROT_WRITE,
                            MAP_SHARED, load_fd, 0)
     if page == MAP_FAILED:
         raise_errno(errno.errno)
-    return <uint32_t *>page
+    return <LoadPage *>page
 
 
 # The primary.
@@ -253,7 +272,7 @@ cdef struct Slot:
     SlotState state
     bint congested          # its channel was full; skipped until it reports
     bint stop_pending       # COMMAND_STOP could not be sent yet
-    uint32_t *open          # the worker's count of open connections (shared)
+    LoadPage *page          # shared with the worker
     uint32_t full_at        # load at which it ran out of descriptors...
     double full_until       # ...which caps it until then; 0 when not capped
     bint starved            # out of descriptors since its last full take
@@ -279,6 +298,7 @@ cdef class Dispatcher:
         int wake_fd
         Policy policy
         uint32_t max_conns
+        uint32_t queue_depth
         Slot *slots
         int nslots
         int next_slot           # where a pick starts looking: ties rotate
@@ -296,7 +316,8 @@ cdef class Dispatcher:
         ReportMessage reports[MAX_REPORTS_PER_READ]
 
     def __cinit__(self, int listen_fd=-1, int wake_fd=-1,
-                  str policy="least-conn", uint32_t max_conns=1024):
+                  str policy="least-conn", uint32_t max_conns=1024,
+                  uint32_t queue_depth=2):
         cdef int k
         self.epfd = -1
         self.listen_fd = -1
@@ -305,9 +326,12 @@ cdef class Dispatcher:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         if max_conns < 1:
             raise ValueError("max_conns must be at least 1")
+        if queue_depth < 1:
+            raise ValueError("queue_depth must be at least 1")
         self.policy = POLICY_LEAST_CONN if policy == "least-conn" \
             else POLICY_ROUND_ROBIN
         self.max_conns = max_conns
+        self.queue_depth = queue_depth
         memset(&self.orphans, 0, sizeof(FdQueue))
         memset(self.report_headers, 0, sizeof(self.report_headers))
         for k in range(MAX_REPORTS_PER_READ):
@@ -354,9 +378,9 @@ cdef class Dispatcher:
             close(s.batch[k])
         s.batch_len = 0
         fdq_close_all(&s.handed)
-        if s.open != NULL:
-            munmap(s.open, LOAD_PAGE_SIZE)
-            s.open = NULL
+        if s.page != NULL:
+            munmap(s.page, LOAD_PAGE_SIZE)
+            s.page = NULL
 
     cdef Slot *_slot(self, int index) except NULL:
         cdef Slot *slots
@@ -385,7 +409,7 @@ cdef class Dispatcher:
         cdef Slot *s = self._slot(slot)
         if s.channel >= 0:
             raise ValueError(f"slot {slot} already has a worker")
-        s.open = map_load_page(load_fd, False)
+        s.page = map_load_page(load_fd)
         s.channel = channel_fd
         self._watch(channel_fd, <uint64_t>slot, EPOLLIN)
         s.state = SLOT_STARTING
@@ -444,12 +468,12 @@ cdef class Dispatcher:
         return taken
 
     def load(self, int slot):
-        """(open, in_flight, handed_total) for the worker in `slot`."""
+        """(open, queued, in_flight, handed_total) for the worker in `slot`."""
         cdef Slot *s
         if slot >= self.nslots or self.slots[slot].channel < 0:
-            return (0, 0, 0)
+            return (0, 0, 0, 0)
         s = &self.slots[slot]
-        return (s.open[0] if s.open != NULL else 0,
+        return (atomic_load_u32(&s.page.open), atomic_load_u32(&s.page.queued),
                 s.handed.count + s.batch_len, s.handed_total)
 
     @property
@@ -539,7 +563,7 @@ cdef class Dispatcher:
     cdef int _pick(self) noexcept:
         """The slot for the next connection, or -1 when no worker can take one."""
         cdef int best = -1, i, k
-        cdef uint32_t load, best_load = 0xFFFFFFFF
+        cdef uint32_t load, in_flight, best_load = 0xFFFFFFFF
         cdef Slot *s
         for k in range(self.nslots):
             i = self.next_slot + k
@@ -548,7 +572,10 @@ cdef class Dispatcher:
             s = &self.slots[i]
             if s.state != SLOT_ACTIVE or s.congested:
                 continue
-            load = s.open[0] + s.handed.count + s.batch_len
+            in_flight = s.handed.count + s.batch_len
+            if atomic_load_u32(&s.page.queued) + in_flight >= self.queue_depth:
+                continue    # it has not caught up: keep this one in the backlog
+            load = atomic_load_u32(&s.page.open) + in_flight
             if load >= self.max_conns:
                 continue
             if s.full_until != 0 and load >= s.full_at:
@@ -621,6 +648,15 @@ cdef class Dispatcher:
         cdef bint want = (self.listen_fd >= 0 and self.resume_accept_at == 0
                           and self._pick() >= 0)
         cdef epoll_event event
+        cdef int i
+        if not want and self.listen_fd >= 0 and self.resume_accept_at == 0:
+            # Ask every worker to say when it has room, then look once more:
+            # a worker that made room in between is seen here, any later one
+            # sends the nudge (see LoadPage).
+            for i in range(self.nslots):
+                if self.slots[i].state == SLOT_ACTIVE:
+                    atomic_store_u32(&self.slots[i].page.nudge, 1)
+            want = self._pick() >= 0
         if want != self.listener_armed:
             event.events = EPOLLIN if want else 0
             event.data.u64 = TAG_LISTENER
@@ -705,7 +741,7 @@ cdef class Dispatcher:
                     s.starved = True
                     s.events |= EVENT_WORKER_FULL
                     self.has_events = True
-                s.full_at = s.open[0]
+                s.full_at = atomic_load_u32(&s.page.open)
                 s.full_until = monotonic() + WORKER_FULL_SECONDS
             else:
                 s.starved = False
@@ -735,9 +771,9 @@ cdef class Dispatcher:
         for k in range(s.batch_len):
             fdq_push(&self.orphans, s.batch[k])
         s.batch_len = 0
-        if s.open != NULL:
-            munmap(s.open, LOAD_PAGE_SIZE)
-            s.open = NULL
+        if s.page != NULL:
+            munmap(s.page, LOAD_PAGE_SIZE)
+            s.page = NULL
         s.state = SLOT_EMPTY
         s.stop_pending = False
         s.orphaned = orphaned
@@ -777,14 +813,14 @@ cdef class Dispatcher:
 cdef class WorkerChannel:
     """A worker's end of its channel: receives handoffs, reports back.
 
-    Owns the channel fd and, through the load page, the worker's count of
-    open connections that the primary reads for least-conn.
+    Owns the channel fd and the worker's side of the load page: its counts of
+    open and queued (not yet read) connections.
     """
 
     cdef:
         int fd
-        uint32_t *open
-        uint32_t local_count    # stands in for the page when there is none
+        LoadPage *page
+        LoadPage local_page     # stands in for the shared one when there is none
         bint mapped
         uint32_t state
         bint ack_waiting        # an acknowledgement the primary has not taken
@@ -794,16 +830,16 @@ cdef class WorkerChannel:
 
     def __cinit__(self, int fd, int load_fd=-1):
         self.fd = -1
-        self.open = &self.local_count
+        self.page = &self.local_page
         if load_fd >= 0:
-            self.open = map_load_page(load_fd, True)
+            self.page = map_load_page(load_fd)
             self.mapped = True
         self.fd = fd
         self.state = WORKER_STARTING
 
     def __dealloc__(self):
         if self.mapped:
-            munmap(self.open, LOAD_PAGE_SIZE)
+            munmap(self.page, LOAD_PAGE_SIZE)
         if self.fd >= 0:
             close(self.fd)
 
@@ -817,11 +853,33 @@ cdef class WorkerChannel:
 
     @property
     def open_connections(self):
-        return self.open[0]
+        return atomic_load_u32(&self.page.open)
 
-    @open_connections.setter
-    def open_connections(self, uint32_t value):
-        self.open[0] = value
+    @property
+    def queued(self):
+        """Handed connections this worker has not started reading."""
+        return atomic_load_u32(&self.page.queued)
+
+    def opened(self):
+        """A connection this worker accepted itself (the baseline modes)."""
+        atomic_add_u32(&self.page.open, 1)
+
+    def closed(self):
+        """A connection ended."""
+        atomic_sub_u32(&self.page.open, 1)
+        self._nudge_if_asked()
+
+    def dequeue(self):
+        """A handed connection is being read (or is gone): off the queue."""
+        atomic_sub_u32(&self.page.queued, 1)
+        self._nudge_if_asked()
+
+    cdef void _nudge_if_asked(self) noexcept:
+        # The primary waits for room here (see LoadPage): wake it.
+        if atomic_load_u32(&self.page.nudge) and \
+                atomic_exchange_u32(&self.page.nudge, 0):
+            self.state_waiting = True
+            self._send_waiting()
 
     @property
     def backlogged(self):
@@ -833,7 +891,8 @@ cdef class WorkerChannel:
 
         `fds` are the connections to serve, in order; each handoff is
         acknowledged before this returns, that is before a byte of them is
-        read.  They count as open connections from now on.  `stop` is True
+        read.  They count as open and queued connections from now on (see
+        dequeue).  `stop` is True
         when the primary asked this worker to finish and exit; `closed` when
         the channel reached its end (the primary is gone).
         """
@@ -881,7 +940,8 @@ cdef class WorkerChannel:
                     data = <int *>CMSG_DATA(header)
                     for k in range(taken):
                         fds.append(data[k])
-                self.open[0] += taken
+                atomic_add_u32(&self.page.open, taken)
+                atomic_add_u32(&self.page.queued, taken)
                 self.ack.handed = command.count
                 self.ack.taken = taken
                 self.ack.state = self.state

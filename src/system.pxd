@@ -87,3 +87,11 @@ cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *addr, size_t length, int prot, int flags, int fd,
                off_t offset)
     int munmap(void *addr, size_t length)
+
+
+cdef extern from "atomics.h" nogil:
+    uint32_t atomic_load_u32(uint32_t *p)
+    void atomic_store_u32(uint32_t *p, uint32_t v)
+    uint32_t atomic_exchange_u32(uint32_t *p, uint32_t v)
+    uint32_t atomic_add_u32(uint32_t *p, uint32_t v)
+    uint32_t atomic_sub_u32(uint32_t *p, uint32_t v)

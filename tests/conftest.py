@@ -14,31 +14,17 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
+
+from observe import children_of
+from waiting import DEADLINE, wait_until
 
 # The command installed next to this Python (a virtualenv), else on PATH.
 CYDISPATCH = (shutil.which("cydispatch", path=os.path.dirname(sys.executable))
               or shutil.which("cydispatch"))
-# Generous: the machine is small and shared; conditions are polled, so a fast
-# run does not wait for these.
-DEADLINE = 30.0
 RUNNING = re.compile(r"Primary (\d+) is running \((.*), (\d+) workers, http://(.+)\)")
 STARTED = re.compile(r"Worker (\d+) started (?:on CPU (\d+)|\(not pinned\))")
-
-
-def wait_until(condition, timeout: float = DEADLINE, interval: float = 0.02,
-               message: str = "condition"):
-    """Poll `condition` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
-        time.sleep(interval)
 
 
 class Server:
@@ -120,45 +106,6 @@ class Server:
         except subprocess.TimeoutExpired:
             pass
         self._reader.join(5)
-
-
-def children_of(pid: int) -> set[int]:
-    children = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.add(int(entry))
-    return children
-
-
-def processes_in_group(pgid: int) -> set[int]:
-    members = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[3]) == pgid:
-            members.add(int(entry))
-    return members
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture

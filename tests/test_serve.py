@@ -10,61 +10,14 @@ import time
 
 import pytest
 
-from conftest import DEADLINE, alive, processes_in_group, wait_until
 from http_client import Connection, get
+from observe import (alive, busy_worker, cpu_seconds, distinct_workers_answer,
+                     listening_inodes, processes_in_group,
+                     socket_inodes)
+from waiting import DEADLINE, wait_until
 
 MODES = ["dispatch", "reuseport", "shared"]
 CPUS = sorted(os.sched_getaffinity(0))
-
-
-def listening_inodes(port: int) -> set[int]:
-    """Inodes of the TCP sockets in LISTEN state on `port`."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            fields = row.split()
-            local_port = int(fields[1].rpartition(":")[2], 16)
-            if local_port == port and fields[3] == "0A":
-                inodes.add(int(fields[9]))
-    return inodes
-
-
-def listen_queue(port: int) -> int:
-    """Connections waiting in the accept queue of the listener on `port`."""
-    with open("/proc/net/tcp") as f:
-        for row in f.read().splitlines()[1:]:
-            fields = row.split()
-            if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "0A":
-                return int(fields[4].partition(":")[2], 16)
-    raise AssertionError(f"no listener on port {port}")
-
-
-def socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
-def pids_answering(server, count: int) -> list[int]:
-    return [get(server.host, server.port).pid for _ in range(count)]
-
-
-def distinct_workers_answer(server, wanted: int = 2) -> set[int]:
-    seen: set[int] = set()
-    wait_until(lambda: seen.add(get(server.host, server.port).pid) or len(seen) >= wanted,
-               interval=0, message=f"{wanted} distinct workers to answer")
-    return seen
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -187,61 +140,6 @@ def test_ipv6_literal_host(start_server):
     assert get("::1", server.port).status == 200
 
 
-def test_round_robin_alternates(start_server):
-    server = start_server("--policy", "round-robin")
-    distinct_workers_answer(server)   # both workers are ready
-    pids = pids_answering(server, 20)
-    assert len(set(pids)) == 2
-    assert all(a != b for a, b in zip(pids, pids[1:], strict=False)), pids
-
-
-def test_least_conn_avoids_the_worker_holding_connections(start_server):
-    server = start_server()
-    held = [Connection(server.host, server.port) for _ in range(6)]
-    try:
-        owners = {}
-        for conn in held:
-            conn.request("/")
-            owners.setdefault(conn.response().pid, []).append(conn)
-        assert len(owners) == 2, "least-conn spreads idle connections"
-        (busy, busy_conns), (free, free_conns) = sorted(
-            owners.items(), key=lambda item: -len(item[1]))
-        for conn in free_conns:
-            conn.close()
-        # Once the free worker has seen its connections close it gets every
-        # new connection: the busy one still holds its own.
-        wait_until(lambda: get(server.host, server.port).pid == free,
-                   message="the free worker to get a connection")
-        assert pids_answering(server, 10) == [free] * 10
-    finally:
-        for conn in held:
-            conn.close()
-
-
-def test_full_workers_leave_connections_in_the_backlog(start_server):
-    server = start_server("--max-conns", "1", workers=1)
-    first = Connection(server.host, server.port)
-    first.request("/")
-    assert first.response().status == 200
-    with Connection(server.host, server.port) as second:
-        second.request("/")
-        wait_until(lambda: listen_queue(server.port) == 1,
-                   message="the second connection to wait in the backlog")
-        # While the worker is full the primary must leave it there.
-        observed_until = time.monotonic() + 0.5
-        while time.monotonic() < observed_until:
-            assert listen_queue(server.port) == 1
-            time.sleep(0.01)
-        first.close()
-        assert second.response().status == 200
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_out_of_descriptors_waits_without_spinning_and_loses_nothing(start_server):
     # 64 descriptors per process: two workers hold ~100 connections between them.
     server = start_server("--keepalive-timeout", "60",
@@ -279,16 +177,6 @@ def test_out_of_descriptors_waits_without_spinning_and_loses_nothing(start_serve
     assert server.find(r"Accepting connections again") or not server.find(
         r"Cannot accept connections")
     assert not server.find("died")
-
-
-def busy_worker(server, conn, path: str) -> int:
-    """Send `path` and wait until a worker is burning CPU on it; its pid."""
-    (pid,) = server.started_workers()
-    before = cpu_seconds(pid)
-    conn.request(path)
-    wait_until(lambda: cpu_seconds(pid) - before >= 0.05,
-               message="the worker to start on the request")
-    return pid
 
 
 def test_graceful_timeout_kills_what_does_not_finish(start_server):

@@ -116,6 +116,12 @@ def build_parser() -> CliParser:
                        help="connections per worker in dispatch mode; when "
                             "every worker is full, new ones wait in the "
                             "backlog (default: %(default)s)")
+    serve.add_argument("--queue-depth", type=positive_int,
+                       default=env_default("queue_depth", defaults.queue_depth),
+                       metavar="N",
+                       help="connections a worker may hold unread in dispatch "
+                            "mode; beyond that, new ones wait in the backlog for "
+                            "the first worker to catch up (default: %(default)s)")
     serve.add_argument("--graceful-timeout", type=seconds,
                        default=env_default("graceful_timeout",
                                            defaults.graceful_timeout),
@@ -143,6 +149,7 @@ def run_serve(args: argparse.Namespace) -> int:
             host=args.host, port=int(args.port), workers=int(args.workers),
             mode=args.mode, policy=args.policy, pin=not args.no_pin,
             backlog=int(args.backlog), max_conns=int(args.max_conns),
+            queue_depth=int(args.queue_depth),
             graceful_timeout=float(args.graceful_timeout),
             keepalive_timeout=float(args.keepalive_timeout),
             log_level=args.log_level)

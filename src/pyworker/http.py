@@ -61,10 +61,10 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "server", "app", "transport", "parser", "target", "head_bytes",
         "head_seen", "in_body", "body_bytes", "closing", "close_after",
-        "last_active", "served",
+        "last_active", "served", "queued_at",
     )
 
-    def __init__(self, server, app) -> None:
+    def __init__(self, server, app, queued_at: int | None = None) -> None:
         self.server = server
         self.app = app
         self.transport = None
@@ -78,6 +78,9 @@ class HttpProtocol(asyncio.Protocol):
         self.close_after = server.draining  # answer one request, then close
         self.last_active = server.now
         self.served = 0
+        # The worker's tick when this connection was handed over, until its
+        # first bytes are read: until then it is in the worker's queue.
+        self.queued_at = queued_at
 
     # asyncio.Protocol
 
@@ -88,6 +91,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closing = True
+        if self.queued_at is not None:
+            self.dequeue()
         self.server.connection_closed(self)
 
     def pause_writing(self) -> None:
@@ -98,6 +103,8 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.queued_at is not None:
+            self.dequeue()
         if self.closing:
             return
         self.last_active = self.server.now
@@ -197,6 +204,11 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.close()
 
     # Called by the worker
+
+    def dequeue(self) -> None:
+        """Being read (or given up on): no longer waiting in the worker's queue."""
+        self.queued_at = None
+        self.server.dequeued(self)
 
     def shutdown(self) -> None:
         """The worker is stopping: close now if idle, else after the next response.

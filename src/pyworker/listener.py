@@ -6,6 +6,11 @@ import errno
 import socket
 
 
+# How long the kernel holds a connection that has sent nothing before
+# accepting it anyway.
+DEFER_ACCEPT_SECONDS = 1
+
+
 class ListenError(Exception):
     """The address cannot be listened on; the message is meant for the user."""
 
@@ -40,6 +45,11 @@ def bind(host: str, port: int, backlog: int, *, reuseport: bool = False,
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
+        # Accept a connection only once its first bytes have arrived (nginx's
+        # "deferred"): an idle connection is never handed to a worker, so a
+        # worker's queue holds only connections with a request to read.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                        DEFER_ACCEPT_SECONDS)
         if listen:
             sock.listen(backlog)
         sock.setblocking(False)

@@ -32,6 +32,7 @@ class Settings:
     pin: bool = True
     backlog: int = 2048
     max_conns: int = 1024
+    queue_depth: int = 2
     graceful_timeout: float = 30.0
     keepalive_timeout: float = 5.0
     log_level: str = "info"
@@ -49,6 +50,8 @@ class Settings:
             raise ValueError("--backlog must be at least 1")
         if self.max_conns < 1:
             raise ValueError("--max-conns must be at least 1")
+        if self.queue_depth < 1:
+            raise ValueError("--queue-depth must be at least 1")
         if self.graceful_timeout < 0:
             raise ValueError("--graceful-timeout must not be negative")
         if self.keepalive_timeout <= 0:

@@ -115,6 +115,21 @@ class Arbiter:
         if len(self.signal_queue) < SIGNAL_QUEUE_LIMIT:
             self.signal_queue.append(signum)
 
+    def yield_to_workers(self) -> None:
+        """Run the primary as SCHED_BATCH: it does not preempt a busy worker.
+
+        On a machine with every core busy, a primary that preempts a worker
+        for each new connection hands connections out one at a time and
+        takes the CPU from the workers that serve them; waiting for a core
+        to free up (connections wait in the backlog meanwhile) hands them out
+        in batches.  With a core idle it still runs at once.  Unprivileged;
+        workers inherit it and go back to the normal policy as they start.
+        """
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:
+            log.debug("cannot use SCHED_BATCH for the primary: %s", exc)
+
     def cpu_for(self, index: int) -> int | None:
         """Slot i's CPU: cycle through the CPUs we were given."""
         if not self.settings.pin:
@@ -129,7 +144,8 @@ class Arbiter:
         self.install_signals()
         listen_fd = self.listener.detach() if settings.mode == "dispatch" else -1
         self.dispatcher = Dispatcher(listen_fd, self.wake_r, settings.policy,
-                                     settings.max_conns)
+                                     settings.max_conns, settings.queue_depth)
+        self.yield_to_workers()
         how = settings.mode
         if settings.mode == "dispatch":
             how += ", " + settings.policy

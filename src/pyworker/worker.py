@@ -73,6 +73,7 @@ class Worker:
         self.family = resolve(self.settings.host, self.settings.port)[0]
         self.draining = False
         self.drain_deadline = 0.0
+        self.ticks = 0
         self.now = time.monotonic()
         self.date_header = date_header()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -81,6 +82,9 @@ class Worker:
 
     def run(self) -> int:
         spec = self.spec
+        # The primary runs as SCHED_BATCH (see Arbiter.yield_to_workers);
+        # a worker serves requests and schedules like any other process.
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
         self.channel = WorkerChannel(spec.channel_fd, spec.load_fd)
@@ -139,7 +143,7 @@ class Worker:
 
     async def adopt(self, fd: int) -> None:
         sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd)
-        protocol = HttpProtocol(self, self.app)
+        protocol = HttpProtocol(self, self.app, queued_at=self.ticks)
         try:
             await self.loop.connect_accepted_socket(lambda: protocol, sock)
         except Exception as exc:
@@ -147,7 +151,8 @@ class Worker:
                 # Never opened, so never closed: uncount it here.
                 log.warning("could not serve a handed connection: %s", exc)
                 sock.close()
-                self.channel.open_connections -= 1
+                self.channel.dequeue()
+                self.channel.closed()
                 self.exit_if_done()
 
     # Connection accounting, called by HttpProtocol
@@ -155,13 +160,16 @@ class Worker:
     def connection_opened(self, protocol: HttpProtocol) -> None:
         self.connections.add(protocol)
         if self.count_on_open:
-            self.channel.open_connections += 1
+            self.channel.opened()
 
     def connection_closed(self, protocol: HttpProtocol) -> None:
         self.connections.discard(protocol)
-        self.channel.open_connections -= 1
+        self.channel.closed()
         if self.draining:
             self.exit_if_done()
+
+    def dequeued(self, protocol: HttpProtocol) -> None:
+        self.channel.dequeue()
 
     # Stopping
 
@@ -183,8 +191,15 @@ class Worker:
             self.loop.stop()
 
     def tick(self) -> None:
+        self.ticks += 1
         self.now = time.monotonic()
         self.date_header = date_header()
+        # A handed connection still unread a whole tick later is not waiting
+        # for us but for its client (its first bytes are slow to come): it
+        # must not hold a place in the queue the primary measures.
+        for protocol in list(self.connections):
+            if protocol.queued_at is not None and protocol.queued_at < self.ticks - 1:
+                protocol.dequeue()
         # last_active has a resolution of one tick: allow one more so that no
         # connection is closed before it has been idle for the full timeout.
         cutoff = self.now - self.settings.keepalive_timeout - TICK_SECONDS

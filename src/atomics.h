@@ -1,0 +1,23 @@
+/* Sequentially consistent operations on the load page the primary and a
+ * worker share.  The nudge handshake (see LoadPage in dispatch.pyx) needs
+ * store-then-load ordering on both sides, which plain accesses do not give. */
+#ifndef CYDISPATCH_ATOMICS_H
+#define CYDISPATCH_ATOMICS_H
+#include <stdint.h>
+
+static inline uint32_t atomic_load_u32(uint32_t *p) {
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+static inline void atomic_store_u32(uint32_t *p, uint32_t v) {
+    __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+}
+static inline uint32_t atomic_exchange_u32(uint32_t *p, uint32_t v) {
+    return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+}
+static inline uint32_t atomic_add_u32(uint32_t *p, uint32_t v) {
+    return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
+}
+static inline uint32_t atomic_sub_u32(uint32_t *p, uint32_t v) {
+    return __atomic_sub_fetch(p, v, __ATOMIC_SEQ_CST);
+}
+#endif

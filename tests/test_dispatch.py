@@ -1,0 +1,123 @@
+"""Dispatch mode's decisions: which worker gets a connection, and when none does."""
+
+from __future__ import annotations
+
+import select
+import time
+
+from http_client import Connection, get
+from observe import (SYN_RECV, busy_worker, cpu_seconds, distinct_workers_answer,
+                     listen_queue, pids_answering, server_side_state)
+from waiting import wait_until
+
+
+def test_round_robin_alternates(start_server):
+    server = start_server("--policy", "round-robin")
+    distinct_workers_answer(server)   # both workers are ready
+    pids = pids_answering(server, 20)
+    assert len(set(pids)) == 2
+    assert all(a != b for a, b in zip(pids, pids[1:], strict=False)), pids
+
+
+def test_least_conn_avoids_the_worker_holding_connections(start_server):
+    server = start_server()
+    held = [Connection(server.host, server.port) for _ in range(6)]
+    try:
+        owners = {}
+        for conn in held:
+            conn.request("/")
+            owners.setdefault(conn.response().pid, []).append(conn)
+        assert len(owners) == 2, "least-conn spreads idle connections"
+        (busy, busy_conns), (free, free_conns) = sorted(
+            owners.items(), key=lambda item: -len(item[1]))
+        for conn in free_conns:
+            conn.close()
+        # Once the free worker has seen its connections close it gets every
+        # new connection: the busy one still holds its own.
+        wait_until(lambda: get(server.host, server.port).pid == free,
+                   message="the free worker to get a connection")
+        assert pids_answering(server, 10) == [free] * 10
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def readable(conn: Connection) -> bool:
+    return bool(select.select([conn], [], [], 0)[0])
+
+
+def stays(condition, seconds: float = 0.5) -> None:
+    """Assert `condition` holds throughout a short window: the dispatcher
+    must leave things as they are, not merely be slow to change them."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        assert condition()
+        time.sleep(0.01)
+
+
+def test_full_workers_leave_connections_in_the_backlog(start_server):
+    server = start_server("--max-conns", "1", workers=1)
+    first = Connection(server.host, server.port)
+    first.request("/")
+    assert first.response().status == 200
+    with Connection(server.host, server.port) as second:
+        second.request("/")
+        wait_until(lambda: listen_queue(server.port) == 1,
+                   message="the second connection to wait in the backlog")
+        stays(lambda: listen_queue(server.port) == 1)
+        first.close()
+        assert second.response().status == 200
+
+
+def test_a_busy_worker_queues_no_more_than_the_queue_depth(start_server):
+    server = start_server("--queue-depth", "1", workers=1)
+    with Connection(server.host, server.port) as slow:
+        busy_worker(server, slow, "/slow?ms=1000")
+        waiting = [Connection(server.host, server.port) for _ in range(3)]
+        try:
+            for conn in waiting:
+                conn.request("/")
+            # One is handed to the busy worker (its queue depth); the other two
+            # stay in the backlog, where any worker that frees up can take them.
+            wait_until(lambda: listen_queue(server.port) == 2,
+                       message="two connections to wait in the backlog")
+            stays(lambda: listen_queue(server.port) == 2, 0.3)
+            assert slow.response().status == 200
+            assert [conn.response().status for conn in waiting] == [200] * 3
+        finally:
+            for conn in waiting:
+                conn.close()
+
+
+def test_the_shared_queue_goes_to_the_worker_that_is_free(start_server):
+    server = start_server("--queue-depth", "1")
+    with Connection(server.host, server.port) as slow:
+        workers = list(server.started_workers())
+        before = {pid: cpu_seconds(pid) for pid in workers}
+        slow.request("/slow?ms=1000")
+        busy = wait_until(lambda: next((pid for pid in workers
+                                        if cpu_seconds(pid) - before[pid] >= 0.05), None),
+                          message="a worker to start on the slow request")
+        # While it burns, the busy worker may be handed one connection (its
+        # queue depth), which then waits for the burn; every other goes to the
+        # free worker.  Count only what was answered before the burn ended.
+        answered_during_burn = []
+        while not readable(slow) and len(answered_during_burn) < 20:
+            answered_during_burn.append(get(server.host, server.port).pid)
+        assert answered_during_burn.count(busy) <= 1, answered_during_burn
+        # The free worker holds nothing and takes the first one.
+        assert answered_during_burn[0] != busy, answered_during_burn
+        assert slow.response().status == 200
+
+
+def test_a_connection_that_sends_nothing_is_not_accepted(start_server):
+    server = start_server("--queue-depth", "1", workers=1)
+    with Connection(server.host, server.port) as idle:
+        client_port = idle.sock.getsockname()[1]
+        # Deferred accept: until its first bytes arrive the kernel keeps it,
+        # so it takes no place in any worker's queue...
+        assert get(server.host, server.port).status == 200
+        assert server_side_state(server.port, client_port) == SYN_RECV
+        # ...and once they do, it is accepted and served like any other.
+        idle.request("/")
+        assert idle.response().status == 200
