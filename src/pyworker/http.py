@@ -94,6 +94,11 @@ class HttpProtocol(asyncio.Protocol):
         if self.queued_at is not None:
             self.dequeue()
         self.server.connection_closed(self)
+        # The parser calls back into this protocol and the transport holds it:
+        # break both cycles so refcounting frees a connection at once, instead
+        # of the cyclic collector, at a cost to every request, later.
+        self.parser = None
+        self.transport = None
 
     def pause_writing(self) -> None:
         # The client does not read its responses: stop reading its requests.
@@ -201,7 +206,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()
 
     # Called by the worker
 
