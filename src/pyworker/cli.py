@@ -12,6 +12,8 @@ import argparse
 import sys
 
 from pyworker import __version__, logs
+from pyworker.bench.runner import MODES as BENCH_MODES
+from pyworker.bench.runner import WORKLOADS as BENCH_WORKLOADS
 from pyworker.listener import ListenError
 from pyworker.settings import LOG_LEVELS, MODES, POLICIES, Settings, env_default
 
@@ -138,6 +140,33 @@ def build_parser() -> CliParser:
                        default=env_default("log_level", defaults.log_level),
                        help="(default: %(default)s)")
     serve.set_defaults(run=run_serve)
+
+    bench = commands.add_parser(
+        "bench", help="measure every mode side by side with wrk",
+        description="Start each mode in turn on a free port, warm it up, run "
+                    "every workload with wrk, stop it; repeat for each round, "
+                    "interleaving the modes so drift hits them alike.  Writes "
+                    "results.json, results.md and results.png to --out.  "
+                    "Workloads: " + "; ".join(f"{w.name}: {w.description}"
+                                             for w in BENCH_WORKLOADS.values()) + ".")
+    bench.add_argument("--out", required=True, metavar="DIR",
+                       help="directory for the results")
+    bench.add_argument("--workers", type=positive_int, default=defaults.workers,
+                       metavar="N", help="workers in every mode (default: %(default)s)")
+    bench.add_argument("--duration", type=positive_int, default=5, metavar="SECONDS",
+                       help="length of each workload run (default: %(default)s)")
+    bench.add_argument("--rounds", type=positive_int, default=5, metavar="N",
+                       help="interleaved rounds (default: %(default)s)")
+    bench.add_argument("--connections", type=positive_int, default=64, metavar="N",
+                       help="wrk connections (default: %(default)s)")
+    bench.add_argument("--modes", nargs="+", choices=list(BENCH_MODES),
+                       default=list(BENCH_MODES),
+                       metavar="MODE", help="modes to measure, in this order "
+                       "(default: all: %(default)s)")
+    bench.add_argument("--workloads", nargs="+", choices=list(BENCH_WORKLOADS),
+                       default=list(BENCH_WORKLOADS), metavar="WORKLOAD",
+                       help="workloads to run (default: all: %(default)s)")
+    bench.set_defaults(run=run_bench)
     return parser
 
 
@@ -163,6 +192,31 @@ def run_serve(args: argparse.Namespace) -> int:
     except ListenError as exc:
         print(f"cydispatch: error: {exc}", file=sys.stderr)
         return STARTUP_ERROR
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import pathlib
+    import shutil
+
+    from pyworker.bench import runner, wrk
+    from pyworker.bench.server import ServerFailed
+
+    if shutil.which("wrk") is None:
+        print(f"cydispatch: error: {wrk.INSTALL_HINT}", file=sys.stderr)
+        return STARTUP_ERROR
+    config = runner.BenchConfig(
+        workers=args.workers, duration=args.duration, rounds=args.rounds,
+        connections=args.connections, modes=tuple(args.modes),
+        workloads=tuple(args.workloads))
+    try:
+        runner.run(config, pathlib.Path(args.out))
+    except (ServerFailed, wrk.WrkOutputError) as exc:
+        print(f"cydispatch: error: {exc}", file=sys.stderr)
+        return STARTUP_ERROR
+    except KeyboardInterrupt:
+        print("\ncydispatch: bench interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

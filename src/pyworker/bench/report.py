@@ -1,0 +1,245 @@
+"""Turn benchmark runs into medians, ratios, a table, Markdown and a plot.
+
+Ratios against the baseline are taken round by round (each mode against the
+baseline run of the same round) and the median of those is reported, so a
+drift of the machine over the run cancels out instead of landing on one mode.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PERCENTILES = (("p50", "latency_p50_us"), ("p90", "latency_p90_us"),
+               ("p99", "latency_p99_us"), ("p99.9", "latency_p999_us"),
+               ("max", "latency_max_us"))
+DISPATCH = "dispatch/least-conn"
+
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the project set out to reach, and how to read it off the results."""
+
+    name: str
+    measure: str
+    comparison: str                 # ">=" or "<="
+    limit: float
+    measured: Callable[[dict, dict], float | None]   # (results, summary) -> value
+
+    def met(self, value: float | None) -> bool | None:
+        if value is None:
+            return None
+        return value >= self.limit if self.comparison == ">=" else value <= self.limit
+
+
+def dispatch_entry(summary: dict, workload: str) -> dict:
+    return summary.get(workload, {}).get(DISPATCH, {})
+
+
+def primary_peak_rss_mb(results: dict) -> float | None:
+    sizes = [r["primary_peak_rss_kb"] / 1024 for r in results["runs"]
+             if r["mode"].startswith("dispatch")]
+    return max(sizes) if sizes else None
+
+
+TARGETS = (
+    Target("keep-alive throughput", "dispatch rps / reuseport rps", ">=", 0.97,
+           lambda results, summary: dispatch_entry(summary, "keepalive").get("rps_ratio")),
+    Target("new-connection throughput (close)", "dispatch rps / reuseport rps", ">=", 0.90,
+           lambda results, summary: dispatch_entry(summary, "close").get("rps_ratio")),
+    Target("tail latency under uneven work (skew)", "dispatch p99 / reuseport p99", "<=", 0.5,
+           lambda results, summary: dispatch_entry(summary, "skew").get("p99_ratio")),
+    Target("balance over workers", "dispatch max/min requests per worker", "<=", 1.10,
+           lambda results, summary: dispatch_entry(summary, "balance")
+           .get("balance", {}).get("max_min")),
+    Target("worker as fast as bare uvloop + httptools", "reuseport rps / bare rps, keep-alive",
+           ">=", 0.95,
+           lambda results, summary: per_round_ratio(results, "keepalive", "reuseport", "bare",
+                                                    "rps")),
+    Target("primary memory", "dispatch primary peak RSS, MB", "<=", 40.0,
+           lambda results, summary: primary_peak_rss_mb(results)),
+)
+
+def runs_of(results: dict, workload: str, mode: str) -> list[dict]:
+    return [r for r in results["runs"] if r["workload"] == workload and r["mode"] == mode]
+
+
+def per_round_ratio(results: dict, workload: str, mode: str, base: str,
+                    field: str) -> float | None:
+    """Median over rounds of mode's field / base's field in the same round."""
+    base_by_round = {r["round"]: r["wrk"][field] for r in runs_of(results, workload, base)}
+    ratios = [r["wrk"][field] / base_by_round[r["round"]]
+              for r in runs_of(results, workload, mode)
+              if base_by_round.get(r["round"])]
+    return statistics.median(ratios) if ratios else None
+
+
+def balance(run: dict, workers: int) -> tuple[float, float] | None:
+    """(max/min, coefficient of variation) of requests per worker in one run."""
+    counts = list(run["wrk"]["workers"].values())
+    if not counts:
+        return None
+    counts += [0] * (workers - len(counts))   # a worker that answered nothing
+    mean = statistics.fmean(counts)
+    spread = max(counts) / min(counts) if min(counts) else math.inf
+    return spread, statistics.pstdev(counts) / mean if mean else 0.0
+
+
+def summarize(results: dict) -> dict:
+    config, base = results["config"], results["baseline"]
+    summary: dict = {}
+    for workload in config["workloads"]:
+        summary[workload] = {}
+        for mode in config["modes"]:
+            runs = runs_of(results, workload, mode)
+            if not runs:
+                continue
+            rps = [r["wrk"]["rps"] for r in runs]
+            entry = {
+                "rounds": len(runs),
+                "rps": {"median": statistics.median(rps), "min": min(rps), "max": max(rps)},
+                "latency_ms": {name: statistics.median(r["wrk"][field] for r in runs) / 1000
+                               for name, field in PERCENTILES},
+                "errors": sum(r["wrk"]["errors"] for r in runs),
+                "primary_cpu_us_per_request": statistics.median(
+                    r["primary_cpu_us_per_request"] or 0 for r in runs),
+                "primary_peak_rss_mb": max(r["primary_peak_rss_kb"] for r in runs) / 1024,
+            }
+            if mode != base:
+                entry["rps_ratio"] = per_round_ratio(results, workload, mode, base, "rps")
+                entry["p99_ratio"] = per_round_ratio(results, workload, mode, base,
+                                                     "latency_p99_us")
+            spreads = [b for b in (balance(r, config["workers"]) for r in runs) if b]
+            if spreads:
+                entry["balance"] = {
+                    "max_min": statistics.median(s for s, _ in spreads),
+                    "cv": statistics.median(cv for _, cv in spreads),
+                }
+            summary[workload][mode] = entry
+    summary["targets"] = targets(results, summary)
+    return summary
+
+
+def targets(results: dict, summary: dict) -> list[dict]:
+    checks = []
+    for target in TARGETS:
+        value = target.measured(results, summary)
+        checks.append({"target": target.name, "measure": target.measure,
+                       "limit": f"{target.comparison} {target.limit:g}",
+                       "measured": value, "met": target.met(value)})
+    return checks
+
+def number(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:,.{digits}f}"
+
+
+def rows(results: dict) -> list[list[str]]:
+    header = ["workload", "mode", "req/s median", "min-max", "vs reuseport",
+              "p50 ms", "p99 ms", "p99.9 ms", "p99 vs reuseport", "balance max/min",
+              "primary µs/req", "errors"]
+    table = [header]
+    summary = results["summary"]
+    for workload in results["config"]["workloads"]:
+        for mode, entry in summary[workload].items():
+            rps, latency = entry["rps"], entry["latency_ms"]
+            table.append([
+                workload, mode, number(rps["median"], 0),
+                f"{number(rps['min'], 0)}-{number(rps['max'], 0)}",
+                number(entry.get("rps_ratio")) + ("x" if entry.get("rps_ratio") else ""),
+                number(latency["p50"]), number(latency["p99"]), number(latency["p99.9"]),
+                number(entry.get("p99_ratio")) + ("x" if entry.get("p99_ratio") else ""),
+                number(entry.get("balance", {}).get("max_min")),
+                number(entry["primary_cpu_us_per_request"], 1), str(entry["errors"]),
+            ])
+    return table
+
+
+def table(results: dict) -> str:
+    """The summary as aligned text, for the terminal."""
+    table = rows(results)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+             .rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.append("")
+    lines += [f"{'met ' if t['met'] else 'MISSED' if t['met'] is False else 'n/a   '} "
+              f"{t['target']}: {t['measure']} {number(t['measured'])} (target {t['limit']})"
+              for t in results["summary"]["targets"]]
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    machine, config = results["machine"], results["config"]
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
+    table = rows(results)
+    lines = [
+        "# cydispatch benchmark results",
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['cpus_usable']} usable CPUs "
+        f"({machine['cpus_online']} online), Linux {machine['kernel']}, "
+        f"Python {machine['python']}; {versions}.",
+        "",
+        f"Run: {config['rounds']} interleaved rounds, {config['duration']} s per workload, "
+        f"{config['connections']} connections, {config['workers']} workers, "
+        f"wrk with {config['threads']} thread(s) on the same machine.  Medians over "
+        "rounds; ratios are taken within each round against reuseport, then the median.",
+        "",
+        "| " + " | ".join(table[0]) + " |",
+        "|" + "---|" * len(table[0]),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    lines += ["", "## Targets", "", "| target | measure | measured | target | |",
+              "|---|---|---|---|---|"]
+    for t in results["summary"]["targets"]:
+        verdict = "met" if t["met"] else "**missed**" if t["met"] is False else "not measured"
+        lines.append(f"| {t['target']} | {t['measure']} | {number(t['measured'])} "
+                     f"| {t['limit']} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path) -> bool:
+    """Throughput per mode and workload, and p99 per mode; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    summary, config = results["summary"], results["config"]
+    modes = list(config["modes"])
+    workloads = [w for w in config["workloads"] if w != "balance"]
+    figure, (throughput, tail) = pyplot.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(modes), 1)
+    for i, mode in enumerate(modes):
+        medians, low, high = [], [], []
+        for workload in workloads:
+            rps = summary[workload].get(mode, {}).get("rps")
+            medians.append(rps["median"] if rps else 0)
+            low.append(rps["median"] - rps["min"] if rps else 0)
+            high.append(rps["max"] - rps["median"] if rps else 0)
+        positions = [k + (i - (len(modes) - 1) / 2) * width for k in range(len(workloads))]
+        throughput.bar(positions, medians, width, yerr=[low, high], capsize=2, label=mode)
+        p99 = [summary[w].get(mode, {}).get("latency_ms", {}).get("p99", 0) for w in workloads]
+        tail.bar(positions, p99, width, label=mode)
+    for axes, title, unit in ((throughput, "Throughput (median, min-max)", "requests/s"),
+                              (tail, "p99 latency (median)", "ms")):
+        axes.set_xticks(range(len(workloads)), workloads)
+        axes.set_title(title)
+        axes.set_ylabel(unit)
+        axes.grid(axis="y", alpha=0.3)
+    throughput.legend(fontsize="small")
+    figure.suptitle(f"{config['workers']} workers, {config['connections']} connections, "
+                    f"{config['rounds']} interleaved rounds of {config['duration']} s "
+                    f"- {results['machine']['cpu_model']}", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    return True

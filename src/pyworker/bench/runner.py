@@ -1,0 +1,191 @@
+"""`cydispatch bench`: every mode against the same workloads, interleaved.
+
+One round starts each mode in turn (A B C D, then A B C D again...), warms it
+up, runs every workload with wrk, and stops it.  Interleaving makes drift on a
+shared machine hit every mode alike; medians over rounds and ratios taken
+within a round are what the report quotes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from pyworker.bench import report, wrk
+from pyworker.bench.server import BareServer, CydispatchServer, ServerProcess
+
+BASELINE = "reuseport"
+# Mode name -> `cydispatch serve` arguments; "bare" is the reference server.
+MODES = {
+    "dispatch/least-conn": ("--mode", "dispatch", "--policy", "least-conn"),
+    "dispatch/round-robin": ("--mode", "dispatch", "--policy", "round-robin"),
+    "reuseport": ("--mode", "reuseport"),
+    "shared": ("--mode", "shared"),
+    "bare": None,
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    close: bool = False         # a new connection for every request
+    slow_every: int = 0         # one request in N is /slow?ms=SLOW_MS
+    count_workers: bool = False  # count which worker answered each request
+
+
+SLOW_MS = 20
+WORKLOADS = {
+    "keepalive": Workload("keepalive", "keep-alive connections, GET /"),
+    "close": Workload("close", "a new connection per request (Connection: close)",
+                      close=True),
+    "skew": Workload("skew", f"like close, but 1 request in 1000 burns {SLOW_MS} ms "
+                     "of CPU", close=True, slow_every=1000),
+    "balance": Workload("balance", "like close, counting the worker that answers "
+                        "each request", close=True, count_workers=True),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workers: int
+    duration: int       # seconds per workload run (wrk takes whole seconds)
+    rounds: int
+    connections: int
+    modes: tuple[str, ...]
+    workloads: tuple[str, ...]
+    warmup: int = 1
+    threads: int = 1    # wrk threads; one leaves the most CPU to the server
+
+
+def start_server(mode: str, workers: int) -> ServerProcess:
+    if MODES[mode] is None:
+        return BareServer(workers=workers).wait_ready()
+    return CydispatchServer(*MODES[mode], "--log-level", "info",
+                            workers=workers).wait_ready()
+
+
+def run_workload(server: ServerProcess, workload: Workload, config: BenchConfig,
+                 duration: int) -> wrk.WrkResult:
+    return wrk.run(server.url, connections=config.connections, threads=config.threads,
+                   duration=duration, close=workload.close,
+                   slow_every=workload.slow_every, slow_path=f"/slow?ms={SLOW_MS}",
+                   count_workers=workload.count_workers)
+
+
+def measure_mode(mode: str, config: BenchConfig, round_number: int,
+                 progress: Progress) -> list[dict]:
+    """Start `mode`, warm it up, run every workload, stop it: one record per run."""
+    server = start_server(mode, config.workers)
+    records = []
+    try:
+        # Warm up: the first connections pay for imports, allocations and
+        # cold kernel caches, in every mode alike.
+        for name in ("keepalive", "close"):
+            run_workload(server, WORKLOADS[name], config, config.warmup)
+        for name in config.workloads:
+            workload = WORKLOADS[name]
+            progress.show(round_number, mode, name)
+            cpu_before = server.cpu_seconds()
+            result = run_workload(server, workload, config, config.duration)
+            primary_cpu = server.cpu_seconds() - cpu_before
+            records.append({
+                "round": round_number, "mode": mode, "workload": name,
+                "primary_cpu_s": round(primary_cpu, 3),
+                "primary_cpu_us_per_request": (
+                    round(primary_cpu * 1e6 / result.requests, 2) if result.requests else None),
+                "primary_peak_rss_kb": server.peak_rss_kb(),
+                "wrk": result.to_dict(),
+            })
+    finally:
+        server.stop()
+    return records
+
+
+class Progress:
+    """One line on stderr: where the run is and how long is left."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.total = config.rounds * len(config.modes) * len(config.workloads)
+        self.done = 0
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def show(self, round_number: int, mode: str, workload: str) -> None:
+        elapsed = time.monotonic() - self.started
+        left = ""
+        if self.done:
+            left = f", about {elapsed / self.done * (self.total - self.done) / 60:.0f} min left"
+        self.done += 1
+        line = (f"[round {round_number}] {mode}: {workload} "
+                f"(run {self.done}/{self.total}{left})")
+        sys.stderr.write(f"\r\033[K{line}" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+        sys.stderr.write(f"done in {(time.monotonic() - self.started) / 60:.1f} min\n")
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    versions = {}
+    for package in ("cydispatch", "uvloop", "httptools"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        banner = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
+        versions["wrk"] = banner.split()[1] if banner.startswith("wrk ") else None
+    except OSError:
+        versions["wrk"] = None
+    return {
+        "cpu_model": model,
+        "cpus_online": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def run(config: BenchConfig, out: pathlib.Path) -> dict:
+    """The whole benchmark; writes results.json, results.md and results.png to `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(config)
+    runs = []
+    for round_number in range(1, config.rounds + 1):
+        for mode in config.modes:
+            runs += measure_mode(mode, config, round_number, progress)
+    progress.finish()
+    results = {
+        "machine": machine(),
+        "config": dataclasses.asdict(config),
+        "baseline": BASELINE,
+        "runs": runs,
+    }
+    results["summary"] = report.summarize(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    plotted = report.plot(results, out / "results.png")
+    print(report.table(results))
+    if not plotted:
+        print("matplotlib is not installed (pip install '.[bench]'): no results.png",
+              file=sys.stderr)
+    return results

@@ -1,0 +1,87 @@
+"""`cydispatch bench` end to end (1-second runs), and the report's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import CYDISPATCH
+from pyworker.bench import report
+from pyworker.bench.runner import MODES, WORKLOADS
+
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
+                               reason="wrk is not installed (apt-get install -y wrk)")
+
+
+@needs_wrk
+def test_bench_measures_every_mode_and_workload(tmp_path):
+    result = subprocess.run(
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--workers", "2",
+         "--connections", "16", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = {(run["mode"], run["workload"]): run for run in results["runs"]}
+    assert set(runs) == {(mode, workload) for mode in MODES for workload in WORKLOADS}
+    for (mode, workload), run in runs.items():
+        measured = run["wrk"]
+        assert measured["requests"] > 0, (mode, workload)
+        assert measured["errors"] == 0, (mode, workload, measured)
+        assert (measured["latency_p50_us"] <= measured["latency_p99_us"]
+                <= measured["latency_max_us"])
+        assert run["primary_peak_rss_kb"] > 0
+    for mode in MODES:
+        balance = runs[mode, "balance"]["wrk"]
+        assert len(balance["workers"]) == 2
+        assert sum(balance["workers"].values()) == balance["requests"]
+    machine = results["machine"]
+    assert machine["cpus_usable"] >= 1 and machine["kernel"] and machine["versions"]["wrk"]
+    summary = results["summary"]
+    assert summary["close"]["dispatch/least-conn"]["rps_ratio"] > 0
+    assert {target["target"] for target in summary["targets"]} == {t.name for t in report.TARGETS}
+    assert all(target["measured"] is not None for target in summary["targets"])
+    assert "req/s median" in result.stdout and "dispatch/least-conn" in result.stdout
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| close | dispatch/least-conn |" in markdown and "## Targets" in markdown
+    assert (tmp_path / "results.png").exists() or "matplotlib is not installed" in result.stderr
+
+
+def test_bench_without_wrk_says_how_to_install_it(tmp_path):
+    result = subprocess.run([CYDISPATCH, "bench", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/nonexistent"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("cydispatch: error: wrk is not installed; "
+                                     "install it with: apt-get install -y wrk")
+
+
+def run(round_number: int, mode: str, rps: float, p99: float, workers=None) -> dict:
+    return {"round": round_number, "mode": mode, "workload": "close",
+            "primary_cpu_us_per_request": 1.0, "primary_peak_rss_kb": 20480,
+            "wrk": {"rps": rps, "latency_p50_us": 1, "latency_p90_us": 2, "latency_p99_us": p99,
+                    "latency_p999_us": p99, "latency_max_us": p99, "errors": 0,
+                    "workers": workers or {}}}
+
+
+def test_ratios_are_taken_round_by_round():
+    # The machine drifts: round 2 is twice as fast for both modes.  Each round's
+    # ratio is 0.9, so the report says 0.9, not the ratio of pooled medians.
+    results = {
+        "config": {"workloads": ["close"], "modes": ["dispatch/least-conn", "reuseport"],
+                   "workers": 2},
+        "baseline": "reuseport",
+        "runs": [run(1, "dispatch/least-conn", 90, 500, {"1": 50, "2": 40}),
+                 run(1, "reuseport", 100, 1000),
+                 run(2, "dispatch/least-conn", 180, 400, {"1": 30}),
+                 run(2, "reuseport", 200, 1000)],
+    }
+    entry = report.summarize(results)["close"]["dispatch/least-conn"]
+    assert entry["rps_ratio"] == pytest.approx(0.9)
+    assert entry["p99_ratio"] == pytest.approx(0.45)
+    assert entry["rps"] == {"median": 135, "min": 90, "max": 180}
+    # A worker that answered nothing makes the spread infinite, not 1.
+    assert report.balance(results["runs"][2], workers=2) == (float("inf"), 1.0)
+    assert report.balance(results["runs"][0], workers=2)[0] == pytest.approx(1.25)

@@ -1,0 +1,162 @@
+"""Microbenchmarks of the two hot paths: the fd handoff and a worker's request.
+
+To measure:
+
+    pytest -m microbench --benchmark-enable tests/test_microbench.py
+
+In a normal test run (with --benchmark-disable) each runs once, as a test;
+the results are checked either way.  The request benchmarks feed bytes to a
+protocol in this process, with a stand-in transport: they time parsing, the
+app and building the response, not the event loop or the socket.  The bare
+reference server's protocol runs through the same harness, for comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from pyworker._dispatch import WorkerChannel, send_fds
+from pyworker.app import HelloApp
+from pyworker.bench import bare
+from pyworker.http import HttpProtocol, date_header
+
+pytestmark = pytest.mark.microbench
+
+FDS_PER_ROUND = 253     # one full message at the largest batch
+REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: wrk\r\n\r\n"
+PIPELINED = 16
+HELLO = b"Hello from Worker"
+
+
+# The fd handoff
+
+@pytest.fixture
+def channel():
+    """(primary end, WorkerChannel): a worker's channel, as the primary sees it."""
+    primary, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    primary.setblocking(False)   # acknowledgements are drained until EAGAIN
+    worker_channel = WorkerChannel(worker.detach())
+    yield primary, worker_channel
+    worker_channel.close()
+    primary.close()
+
+
+@pytest.fixture
+def fds_to_hand():
+    """FDS_PER_ROUND descriptors to hand over, created once: dups of a pipe end."""
+    read_end, write_end = os.pipe()
+    fds = [read_end] + [os.dup(read_end) for _ in range(FDS_PER_ROUND - 1)]
+    yield fds
+    for fd in fds + [write_end]:
+        os.close(fd)
+
+
+def drain_acknowledgements(primary: socket.socket) -> int:
+    acknowledgements = 0
+    while True:
+        try:
+            primary.recv(64)
+        except BlockingIOError:
+            return acknowledgements
+        acknowledgements += 1
+
+
+@pytest.mark.parametrize("batch", [1, 64, 253])
+def test_fd_handoff(benchmark, channel, fds_to_hand, batch):
+    primary, worker = channel
+
+    def hand_over() -> tuple[int, int]:
+        send_fds(primary.fileno(), fds_to_hand, batch=batch)
+        received, _, _ = worker.receive()
+        for fd in received:
+            os.close(fd)
+        return len(received), drain_acknowledgements(primary)
+
+    benchmark.extra_info["fds_per_round"] = FDS_PER_ROUND
+    received, acknowledgements = benchmark(hand_over)
+    assert received == FDS_PER_ROUND
+    assert acknowledgements == -(-FDS_PER_ROUND // batch)   # one per message
+
+
+# A worker's request, parsed, answered and written
+
+class StandInTransport:
+    """What a protocol calls on its transport; keeps the last responses written."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.last: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        if len(self.last) == PIPELINED:     # bounded: benchmarks write millions
+            self.last.clear()
+        self.last.append(data)
+
+    def close(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class StandInWorker:
+    """What HttpProtocol reads and calls on its `server`, the worker."""
+
+    draining = False
+    now = 0.0
+    date_header = date_header()
+
+    def connection_opened(self, protocol) -> None:
+        pass
+
+    def connection_closed(self, protocol) -> None:
+        pass
+
+    def dequeued(self, protocol) -> None:
+        pass
+
+
+def serving(protocol, data: bytes):
+    """A connected protocol, and a function feeding it `data`: how many responses."""
+    transport = StandInTransport()
+    protocol.connection_made(transport)
+
+    def serve() -> int:
+        before = transport.writes
+        protocol.data_received(data)
+        return transport.writes - before
+
+    return transport, serve
+
+
+def assert_hello_responses(transport: StandInTransport) -> None:
+    assert transport.last and not transport.closing
+    for response in transport.last:
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert HELLO in response
+
+
+@pytest.mark.parametrize("requests", [1, PIPELINED], ids=["single", "pipelined16"])
+def test_request_hot_path(benchmark, requests):
+    transport, serve = serving(HttpProtocol(StandInWorker(), HelloApp()), REQUEST * requests)
+    benchmark.extra_info["requests_per_round"] = requests
+    assert benchmark(serve) == requests
+    assert_hello_responses(transport)
+
+
+def test_bare_request_hot_path(benchmark):
+    transport, serve = serving(bare.BareProtocol(b"%s %d" % (HELLO, os.getpid())), REQUEST)
+    benchmark.extra_info["requests_per_round"] = 1
+    assert benchmark(serve) == 1
+    assert_hello_responses(transport)
