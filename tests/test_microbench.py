@@ -21,7 +21,7 @@ import pytest
 from pyworker._dispatch import WorkerChannel, send_fds
 from pyworker.app import HelloApp
 from pyworker.bench import bare
-from pyworker.http import HttpProtocol, date_header
+from pyworker.http import HttpProtocol, Responses
 
 pytestmark = pytest.mark.microbench
 
@@ -115,7 +115,7 @@ class StandInWorker:
 
     draining = False
     now = 0.0
-    date_header = date_header()
+    responses = Responses()
 
     def connection_opened(self, protocol) -> None:
         pass

@@ -10,22 +10,23 @@ import os
 import time
 
 SLOW_MAX_MS = 1000
-ROUTE_METHODS = (b"GET", b"HEAD")
+ROUTE_METHODS = frozenset((b"GET", b"HEAD"))
 
 
 class HelloApp:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.hello = f"Hello from Worker {self.pid}".encode()
+        self.routes = {b"/": self.index, b"/slow": self.slow}
 
     def __call__(self, method: bytes, target: bytes) -> tuple[int, bytes]:
-        path, _, query = target.partition(b"?")
-        if path == b"/":
-            route = self.index
-        elif path == b"/slow":
-            route = self.slow
-        else:
-            return 404, b"Not Found\n"
+        route = self.routes.get(target)     # most targets have no query
+        query = b""
+        if route is None:
+            path, _, query = target.partition(b"?")
+            route = self.routes.get(path)
+            if route is None:
+                return 404, b"Not Found\n"
         if method not in ROUTE_METHODS:
             return 405, b"Method Not Allowed\n"
         return route(query)

@@ -28,7 +28,7 @@ import uvloop
 from pyworker import logs
 from pyworker._dispatch import WorkerChannel, WorkerState
 from pyworker.app import HelloApp
-from pyworker.http import HttpProtocol, date_header
+from pyworker.http import HttpProtocol, Responses
 from pyworker.listener import ListenError, bind, resolve
 from pyworker.settings import Settings
 
@@ -99,7 +99,7 @@ class Worker:
         self.drain_deadline = 0.0
         self.ticks = 0
         self.now = time.monotonic()
-        self.date_header = date_header()
+        self.responses = Responses()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.channel: WorkerChannel | None = None
         self.server: asyncio.AbstractServer | None = None
@@ -220,7 +220,7 @@ class Worker:
     def tick(self) -> None:
         self.ticks += 1
         self.now = time.monotonic()
-        self.date_header = date_header()
+        self.responses.tick()
         # A handed connection still unread a whole tick later is not waiting
         # for us but for its client (its first bytes are slow to come): it
         # must not hold a place in the queue the primary measures.
