@@ -317,7 +317,7 @@ cdef class Dispatcher:
 
     def __cinit__(self, int listen_fd=-1, int wake_fd=-1,
                   str policy="least-conn", uint32_t max_conns=1024,
-                  uint32_t queue_depth=2):
+                  uint32_t queue_depth=4):
         cdef int k
         self.epfd = -1
         self.listen_fd = -1

@@ -85,3 +85,32 @@ def test_ratios_are_taken_round_by_round():
     # A worker that answered nothing makes the spread infinite, not 1.
     assert report.balance(results["runs"][2], workers=2) == (float("inf"), 1.0)
     assert report.balance(results["runs"][0], workers=2)[0] == pytest.approx(1.25)
+
+
+@needs_wrk
+def test_client_cpus_keep_wrk_and_the_servers_apart(tmp_path):
+    import os
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one usable CPU: nothing to keep apart")
+    client = min(os.sched_getaffinity(0))
+    result = subprocess.run(
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--modes", "reuseport",
+         "--workloads", "balance", "--client-cpus", str(client), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["client_cpus"] == [client]
+    assert f"alone on CPU {client}" in (tmp_path / "results.md").read_text()
+    # Two workers on the CPUs left: both still answer.
+    assert len(results["runs"][0]["wrk"]["workers"]) == 2
+
+
+@pytest.mark.parametrize("cpus, words", [
+    ("x", "is not a list of CPU numbers"),
+    ("4096", "are not among those usable here"),
+])
+def test_client_cpus_must_be_usable(tmp_path, cpus, words):
+    result = subprocess.run([CYDISPATCH, "bench", "--client-cpus", cpus, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1

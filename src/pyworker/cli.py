@@ -9,6 +9,7 @@ address that cannot be listened on is one line and exit code 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pyworker import __version__, logs
@@ -56,6 +57,21 @@ def seconds(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
     return value
+
+
+def cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        cpus = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of CPU numbers") from None
+    usable = os.sched_getaffinity(0)
+    if not set(cpus) <= usable:
+        raise argparse.ArgumentTypeError(
+            f"CPUs {sorted(set(cpus) - usable)} are not among those usable here "
+            f"({sorted(usable)})")
+    if set(cpus) == usable:
+        raise argparse.ArgumentTypeError("leaves no CPU for the servers")
+    return cpus
 
 
 def env_flag(name: str) -> bool:
@@ -166,6 +182,11 @@ def build_parser() -> CliParser:
     bench.add_argument("--workloads", nargs="+", choices=list(BENCH_WORKLOADS),
                        default=list(BENCH_WORKLOADS), metavar="WORKLOAD",
                        help="workloads to run (default: all: %(default)s)")
+    bench.add_argument("--client-cpus", type=cpu_list, default=(), metavar="LIST",
+                       help="run wrk alone on these CPUs (e.g. 0 or 0,1) and the "
+                            "servers on the others, so the load generator does "
+                            "not take CPU from the workers (default: all share "
+                            "all CPUs)")
     bench.set_defaults(run=run_bench)
     return parser
 
@@ -207,7 +228,7 @@ def run_bench(args: argparse.Namespace) -> int:
     config = runner.BenchConfig(
         workers=args.workers, duration=args.duration, rounds=args.rounds,
         connections=args.connections, modes=tuple(args.modes),
-        workloads=tuple(args.workloads))
+        workloads=tuple(args.workloads), client_cpus=args.client_cpus)
     try:
         runner.run(config, pathlib.Path(args.out))
     except (ServerFailed, wrk.WrkOutputError) as exc:

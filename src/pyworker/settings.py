@@ -32,7 +32,7 @@ class Settings:
     pin: bool = True
     backlog: int = 2048
     max_conns: int = 1024
-    queue_depth: int = 2
+    queue_depth: int = 4
     graceful_timeout: float = 30.0
     keepalive_timeout: float = 5.0
     log_level: str = "info"

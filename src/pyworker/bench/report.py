@@ -175,6 +175,13 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def placement(config: dict) -> str:
+    if not config.get("client_cpus"):
+        return "on the same CPUs as the servers"
+    return (f"alone on CPU {','.join(map(str, config['client_cpus']))}, the servers on "
+            "the others")
+
+
 def markdown(results: dict) -> str:
     machine, config = results["machine"], results["config"]
     versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
@@ -188,7 +195,7 @@ def markdown(results: dict) -> str:
         "",
         f"Run: {config['rounds']} interleaved rounds, {config['duration']} s per workload, "
         f"{config['connections']} connections, {config['workers']} workers, "
-        f"wrk with {config['threads']} thread(s) on the same machine.  Medians over "
+        f"wrk with {config['threads']} thread(s) {placement(config)}.  Medians over "
         "rounds; ratios are taken within each round against reuseport, then the median.",
         "",
         "| " + " | ".join(table[0]) + " |",
@@ -237,8 +244,9 @@ def plot(results: dict, path) -> bool:
         axes.grid(axis="y", alpha=0.3)
     throughput.legend(fontsize="small")
     figure.suptitle(f"{config['workers']} workers, {config['connections']} connections, "
-                    f"{config['rounds']} interleaved rounds of {config['duration']} s "
-                    f"- {results['machine']['cpu_model']}", fontsize="small")
+                    f"{config['rounds']} interleaved rounds of {config['duration']} s, "
+                    f"wrk {placement(config)} - {results['machine']['cpu_model']}",
+                    fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)

@@ -64,13 +64,26 @@ class BenchConfig:
     workloads: tuple[str, ...]
     warmup: int = 1
     threads: int = 1    # wrk threads; one leaves the most CPU to the server
+    # CPUs for wrk alone; the servers get the others.  Empty: all share all.
+    client_cpus: tuple[int, ...] = ()
+
+    def server_cpus(self) -> tuple[int, ...]:
+        return tuple(sorted(os.sched_getaffinity(0) - set(self.client_cpus)))
+
+    def pinned(self, cpus: tuple[int, ...]) -> tuple[str, ...]:
+        """A command prefix that runs a command on `cpus` (none when sharing)."""
+        if not self.client_cpus:
+            return ()
+        return ("taskset", "-c", ",".join(map(str, cpus)))
 
 
-def start_server(mode: str, workers: int) -> ServerProcess:
+def start_server(mode: str, config: BenchConfig) -> ServerProcess:
+    # Started on the server CPUs, a server pins its workers within them.
+    wrapper = config.pinned(config.server_cpus())
     if MODES[mode] is None:
-        return BareServer(workers=workers).wait_ready()
+        return BareServer(workers=config.workers, wrapper=wrapper).wait_ready()
     return CydispatchServer(*MODES[mode], "--log-level", "info",
-                            workers=workers).wait_ready()
+                            workers=config.workers, wrapper=wrapper).wait_ready()
 
 
 def run_workload(server: ServerProcess, workload: Workload, config: BenchConfig,
@@ -78,13 +91,14 @@ def run_workload(server: ServerProcess, workload: Workload, config: BenchConfig,
     return wrk.run(server.url, connections=config.connections, threads=config.threads,
                    duration=duration, close=workload.close,
                    slow_every=workload.slow_every, slow_path=f"/slow?ms={SLOW_MS}",
-                   count_workers=workload.count_workers)
+                   count_workers=workload.count_workers,
+                   wrapper=config.pinned(config.client_cpus))
 
 
 def measure_mode(mode: str, config: BenchConfig, round_number: int,
                  progress: Progress) -> list[dict]:
     """Start `mode`, warm it up, run every workload, stop it: one record per run."""
-    server = start_server(mode, config.workers)
+    server = start_server(mode, config)
     records = []
     try:
         # Warm up: the first connections pay for imports, allocations and

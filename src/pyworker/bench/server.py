@@ -152,8 +152,9 @@ class CydispatchServer(ServerProcess):
 class BareServer(ServerProcess):
     """The bare uvloop + httptools reference server (pyworker.bench.bare)."""
 
-    def __init__(self, workers: int = 2, env: dict | None = None) -> None:
-        argv = [sys.executable, "-m", "pyworker.bench.bare", "--port", "0",
+    def __init__(self, workers: int = 2, env: dict | None = None,
+                 wrapper: tuple[str, ...] = ()) -> None:
+        argv = [*wrapper, sys.executable, "-m", "pyworker.bench.bare", "--port", "0",
                 "--workers", str(workers)]
         super().__init__(argv, env)
         self.workers = workers

@@ -111,12 +111,15 @@ def whole_seconds(seconds: float, what: str) -> str:
 def command(url: str, *, connections: int, duration: float, threads: int = 1,
             close: bool = False, slow_every: int = 0, slow_path: str = "/slow?ms=20",
             count_workers: bool = False, timeout: float | None = None,
-            wrk: str = "wrk") -> list[str]:
-    """The wrk command line for one workload; see wrk.lua for the options after `--`."""
+            wrk: str = "wrk", wrapper: tuple[str, ...] = ()) -> list[str]:
+    """The wrk command line for one workload; see wrk.lua for the options after `--`.
+
+    `wrapper` prefixes the command, e.g. ("taskset", "-c", "0") to pin wrk.
+    """
     if not 1 <= threads <= connections:
         raise ValueError(f"wrk needs 1 <= threads <= connections: "
                          f"{threads} threads, {connections} connections")
-    argv = [wrk, "-t", str(threads), "-c", str(connections),
+    argv = [*wrapper, wrk, "-t", str(threads), "-c", str(connections),
             "-d", whole_seconds(duration, "duration")]
     if timeout is not None:
         argv += ["--timeout", whole_seconds(timeout, "timeout")]
@@ -133,7 +136,7 @@ def command(url: str, *, connections: int, duration: float, threads: int = 1,
 def run(url: str, **options) -> WrkResult:
     """Run one workload (options as for `command`) and return its results."""
     argv = command(url, **options)
-    if shutil.which(argv[0]) is None:
+    if shutil.which(options.get("wrk", "wrk")) is None:
         raise WrkNotFound(INSTALL_HINT)
     try:
         completed = subprocess.run(argv, capture_output=True, text=True,
