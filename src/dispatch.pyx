@@ -304,6 +304,7 @@ cdef class Dispatcher:
         int next_slot           # where a pick starts looking: ties rotate
         FdQueue orphans         # to re-dispatch: their worker never took them
         bint listener_armed
+        bint closing            # taking the whole backlog: limits do not apply
         double resume_accept_at  # end of an EMFILE pause; 0 when not paused
         bint accept_paused      # from a failed accept to the next success
         int pause_errno
@@ -453,14 +454,18 @@ cdef class Dispatcher:
     def close_listener(self):
         """Stop accepting: hand out what the backlog already holds, then close.
 
-        Returns how many connections were taken from the backlog.
+        The backlog is the queue the workers share, and with deferred accept
+        each connection in it has sent its request: closing the listener
+        would reset them.  So every one goes to a worker now, past the queue
+        depth and max-conns, which only decide how soon.  Returns how many.
         """
         cdef int taken = 0
         if self.listen_fd < 0:
             return 0
-        if self.resume_accept_at == 0:
-            taken = self._accept_connections(0x7fffffff)
+        self.closing = True
+        taken = self._accept_connections(0x7fffffff)
         self._settle()
+        self.closing = False
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, NULL)
         close(self.listen_fd)
         self.listen_fd = -1
@@ -561,9 +566,17 @@ cdef class Dispatcher:
         return 0
 
     cdef int _pick(self) noexcept:
-        """The slot for the next connection, or -1 when no worker can take one."""
+        """The slot for the next connection, or -1 when no worker can take one.
+
+        least-conn orders workers by the connections they have not read yet,
+        then by those they hold: a worker stuck in a slow request reads
+        nothing, so its unread count stays up while a healthy worker's falls
+        back to zero within one turn of its loop.  With nothing unread (keep-
+        alive traffic) this is plain least connections.
+        """
         cdef int best = -1, i, k
-        cdef uint32_t load, in_flight, best_load = 0xFFFFFFFF
+        cdef uint32_t load, in_flight, unread
+        cdef uint64_t rank, best_rank = 0xFFFFFFFFFFFFFFFF
         cdef Slot *s
         for k in range(self.nslots):
             i = self.next_slot + k
@@ -573,20 +586,23 @@ cdef class Dispatcher:
             if s.state != SLOT_ACTIVE or s.congested:
                 continue
             in_flight = s.handed.count + s.batch_len
-            if atomic_load_u32(&s.page.queued) + in_flight >= self.queue_depth:
-                continue    # it has not caught up: keep this one in the backlog
+            unread = atomic_load_u32(&s.page.queued) + in_flight
             load = atomic_load_u32(&s.page.open) + in_flight
-            if load >= self.max_conns:
-                continue
+            if not self.closing:
+                if unread >= self.queue_depth:
+                    continue    # it has not caught up: keep this in the backlog
+                if load >= self.max_conns:
+                    continue
             if s.full_until != 0 and load >= s.full_at:
                 if monotonic() < s.full_until:
                     continue
                 s.full_until = 0
             if self.policy == POLICY_ROUND_ROBIN:
                 return i
-            if load < best_load:
+            rank = (<uint64_t>unread << 32) | load
+            if rank < best_rank:
                 best = i
-                best_load = load
+                best_rank = rank
         return best
 
     cdef inline int _assign(self, int i, int fd) except -1:

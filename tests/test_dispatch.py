@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import select
+import signal
 import time
 
 from http_client import Connection, get
 from observe import (SYN_RECV, busy_worker, cpu_seconds, distinct_workers_answer,
                      listen_queue, pids_answering, server_side_state)
-from waiting import wait_until
+from waiting import DEADLINE, wait_until
 
 
 def test_round_robin_alternates(start_server):
@@ -121,3 +122,24 @@ def test_a_connection_that_sends_nothing_is_not_accepted(start_server):
         # ...and once they do, it is accepted and served like any other.
         idle.request("/")
         assert idle.response().status == 200
+
+
+def test_a_stop_serves_what_waits_in_the_backlog(start_server):
+    server = start_server("--queue-depth", "1", workers=1)
+    with Connection(server.host, server.port) as slow:
+        busy_worker(server, slow, "/slow?ms=500")
+        waiting = [Connection(server.host, server.port) for _ in range(4)]
+        try:
+            for conn in waiting:
+                conn.request("/")
+            wait_until(lambda: listen_queue(server.port) == 3,
+                       message="three requests to wait in the backlog")
+            # They were sent before the stop began: the stop takes them from
+            # the backlog and serves them rather than resetting them.
+            server.proc.send_signal(signal.SIGTERM)
+            assert slow.response().status == 200
+            assert [conn.response().status for conn in waiting] == [200] * 4
+        finally:
+            for conn in waiting:
+                conn.close()
+    assert server.proc.wait(DEADLINE) == 0
