@@ -23,7 +23,12 @@ from pyworker.bench import report, wrk
 from pyworker.bench.server import BareServer, CydispatchServer, ServerProcess
 
 BASELINE = "reuseport"
-# Mode name -> `cydispatch serve` arguments; "bare" is the reference server.
+# Mode name -> `cydispatch serve` arguments; "bare" is the reference server for
+# the worker's HTTP layer.  It answers every path with the hello body and has
+# no deferred accept, so it runs the keep-alive workload only: anywhere else
+# the comparison would not be like for like.
+REFERENCE = "bare"
+REFERENCE_WORKLOADS = ("keepalive",)
 MODES = {
     "dispatch/least-conn": ("--mode", "dispatch", "--policy", "least-conn"),
     "dispatch/round-robin": ("--mode", "dispatch", "--policy", "round-robin"),
@@ -105,7 +110,7 @@ def measure_mode(mode: str, config: BenchConfig, round_number: int,
         # cold kernel caches, in every mode alike.
         for name in ("keepalive", "close"):
             run_workload(server, WORKLOADS[name], config, config.warmup)
-        for name in config.workloads:
+        for name in workloads_for(mode, config):
             workload = WORKLOADS[name]
             progress.show(round_number, mode, name)
             cpu_before = server.cpu_seconds()
@@ -124,11 +129,18 @@ def measure_mode(mode: str, config: BenchConfig, round_number: int,
     return records
 
 
+def workloads_for(mode: str, config: BenchConfig) -> tuple[str, ...]:
+    if mode == REFERENCE:
+        return tuple(w for w in config.workloads if w in REFERENCE_WORKLOADS)
+    return config.workloads
+
+
 class Progress:
     """One line on stderr: where the run is and how long is left."""
 
     def __init__(self, config: BenchConfig) -> None:
-        self.total = config.rounds * len(config.modes) * len(config.workloads)
+        self.total = config.rounds * sum(len(workloads_for(mode, config))
+                                         for mode in config.modes)
         self.done = 0
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()
