@@ -83,7 +83,7 @@ cdef struct CommandMessage:
 cdef struct ReportMessage:  # worker -> primary
     uint32_t handed         # fds in the handoff acknowledged; 0: state only
     uint32_t taken          # of those, how many the worker could install
-    uint32_t state          # WORKER_STARTING, WORKER_READY, WORKER_DRAINING
+    uint32_t state          # a WorkerState; every report is also a heartbeat
     uint32_t reserved
 
 cdef struct HandoffControl:  # ancillary buffer for one handoff
@@ -109,6 +109,7 @@ cpdef enum WorkerState:     # a worker's state, as it reports it
     WORKER_STARTING = 0
     WORKER_READY = 1
     WORKER_DRAINING = 2
+    WORKER_RECYCLE = 3      # serving, and asking to be replaced (max requests)
 
 cpdef enum Event:           # what run() returns: (event, slot) or (event, errno)
     EVENT_READY = 1             # the worker in the slot reported ready
@@ -117,6 +118,7 @@ cpdef enum Event:           # what run() returns: (event, slot) or (event, errno
     EVENT_ACCEPT_PAUSED = 8     # accept failed for lack of descriptors or memory
     EVENT_ACCEPT_RESUMED = 16   # a connection was accepted again after a pause
     EVENT_WORKER_FULL = 32      # the worker ran out of descriptors
+    EVENT_RECYCLE = 64          # the worker asks to be replaced; it still serves
 
 POLICIES = ("least-conn", "round-robin")
 cdef enum Policy:
@@ -277,6 +279,8 @@ cdef struct Slot:
     double full_until       # ...which caps it until then; 0 when not capped
     bint starved            # out of descriptors since its last full take
     uint32_t events         # EVENT_* bits not yet returned to Python
+    bint recycle_asked      # EVENT_RECYCLE was returned for this worker
+    double last_heard       # when its last report came: the watchdog's clock
     uint64_t handed_total   # connections handed to this worker, for stats
     uint32_t orphaned       # left for others when its channel closed
     FdQueue handed          # sent, not yet acknowledged, oldest first
@@ -419,6 +423,8 @@ cdef class Dispatcher:
         s.congested = False
         s.stop_pending = False
         s.events = 0
+        s.recycle_asked = False
+        s.last_heard = monotonic()
         s.handed_total = 0
         s.orphaned = 0
         s.batch_len = 0
@@ -472,6 +478,16 @@ cdef class Dispatcher:
         self.listener_armed = False
         return taken
 
+    def silence(self, int slot):
+        """Seconds since the worker in `slot` last reported; 0 for an empty slot.
+
+        A worker reports on every handoff and at least once a second (its
+        heartbeat), so a long silence means its event loop is not turning.
+        """
+        if slot >= self.nslots or self.slots[slot].channel < 0:
+            return 0.0
+        return monotonic() - self.slots[slot].last_heard
+
     def load(self, int slot):
         """(open, queued, in_flight, handed_total) for the worker in `slot`."""
         cdef Slot *s
@@ -512,19 +528,22 @@ cdef class Dispatcher:
         cdef double now, until
         cdef int n, k, wait_ms
         cdef uint64_t tag
-        cdef bint woke = False, listener_ready
+        cdef bint woke = False, listener_ready, polled = False
         while True:
             self._settle()
             now = monotonic()
             if self.resume_accept_at and now >= self.resume_accept_at:
                 self.resume_accept_at = 0
             self._arm_listener()
-            if woke or self.has_events or now >= deadline:
+            # Look at the fds at least once, even with no time left: a caller
+            # that keeps passing 0 must still see reports and connections.
+            if woke or self.has_events or (now >= deadline and polled):
                 break
+            polled = True
             until = deadline
             if self.resume_accept_at and self.resume_accept_at < until:
                 until = self.resume_accept_at
-            wait_ms = <int>((until - now) * 1000.0) + 1
+            wait_ms = 0 if until <= now else <int>((until - now) * 1000.0) + 1
             with nogil:
                 n = epoll_wait(self.epfd, events, MAX_EPOLL_EVENTS, wait_ms)
             if n < 0:
@@ -743,6 +762,7 @@ cdef class Dispatcher:
     cdef int _apply_report(self, Slot *s, ReportMessage *report) except -1:
         cdef uint32_t k, count
         s.congested = False
+        s.last_heard = monotonic()
         if report.handed:
             count = report.handed if report.handed <= s.handed.count \
                 else s.handed.count
@@ -769,6 +789,10 @@ cdef class Dispatcher:
                 s.state == SLOT_STARTING or s.state == SLOT_ACTIVE):
             s.state = SLOT_RETIRING
             s.events |= EVENT_DRAINING
+            self.has_events = True
+        elif report.state == WORKER_RECYCLE and not s.recycle_asked:
+            s.recycle_asked = True
+            s.events |= EVENT_RECYCLE
             self.has_events = True
         return 0
 
@@ -811,7 +835,7 @@ cdef class Dispatcher:
             return events
         for i in range(self.nslots):
             for bit in (EVENT_READY, EVENT_DRAINING, EVENT_CLOSED,
-                        EVENT_WORKER_FULL):
+                        EVENT_WORKER_FULL, EVENT_RECYCLE):
                 if self.slots[i].events & bit:
                     events.append((bit, i))
             self.slots[i].events = 0
@@ -969,10 +993,19 @@ cdef class WorkerChannel:
         return fds, stop, closed
 
     def report(self, uint32_t state):
-        """Tell the primary this worker's state (WORKER_READY, WORKER_DRAINING)."""
+        """Tell the primary this worker's state (a WorkerState)."""
         self.state = state
         self.state_waiting = True
         self._send_waiting()
+
+    def heartbeat(self):
+        """Tell the primary this worker's loop turns: its state once more.
+
+        Nothing is queued when a report already waits: that one will do.
+        """
+        if not self.state_waiting:
+            self.state_waiting = True
+            self._send_waiting()
 
     def flush(self):
         """Send what waits; True when nothing is left waiting."""

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from pyworker._dispatch import WorkerChannel, WorkerState, send_fds
+from pyworker._dispatch import Dispatcher, WorkerChannel, WorkerState, send_fds
+from waiting import wait_until
 
 
 @pytest.fixture
@@ -81,3 +82,21 @@ def test_state_reports_reach_the_primary(channel):
     report = primary.recv(64)
     assert int.from_bytes(report[8:12], "little") == WorkerState.WORKER_READY
     assert int.from_bytes(report[0:4], "little") == 0   # no handoff acknowledged
+
+
+def test_heartbeats_keep_a_worker_from_looking_silent():
+    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    load_fd = os.memfd_create("load", os.MFD_CLOEXEC)
+    os.ftruncate(load_fd, 4096)
+    dispatcher = Dispatcher()
+    dispatcher.attach(0, primary.detach(), load_fd)
+    os.close(load_fd)
+    worker = WorkerChannel(worker_end.detach())
+    # Silence grows while the worker says nothing...
+    wait_until(lambda: dispatcher.silence(0) >= 0.2, message="silence to grow")
+    # ...and a heartbeat, read by the dispatcher's loop, resets it.
+    worker.heartbeat()
+    dispatcher.run(0)
+    assert dispatcher.silence(0) < 0.2
+    assert dispatcher.silence(5) == 0.0     # no worker there: never silent
+    worker.close()

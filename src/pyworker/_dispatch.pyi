@@ -8,6 +8,7 @@ class WorkerState(enum.IntEnum):
     WORKER_STARTING = 0
     WORKER_READY = 1
     WORKER_DRAINING = 2
+    WORKER_RECYCLE = 3
 
 class Event(enum.IntEnum):
     EVENT_READY = 1
@@ -16,6 +17,7 @@ class Event(enum.IntEnum):
     EVENT_ACCEPT_PAUSED = 8
     EVENT_ACCEPT_RESUMED = 16
     EVENT_WORKER_FULL = 32
+    EVENT_RECYCLE = 64
 
 def send_fds(channel: int, fds: list[int], batch: int = 253) -> int:
     """Hand fds over a channel in messages of at most `batch`; the message count."""
@@ -24,7 +26,8 @@ class Dispatcher:
     """The primary's accept loop. Owns the listening fd and every attached channel."""
 
     def __init__(self, listen_fd: int = -1, wake_fd: int = -1,
-                 policy: str = "least-conn", max_conns: int = 1024) -> None: ...
+                 policy: str = "least-conn", max_conns: int = 1024,
+                 queue_depth: int = 4) -> None: ...
     def attach(self, slot: int, channel_fd: int, load_fd: int) -> None:
         """A new worker in `slot`: its channel (owned from now on) and load page."""
     def detach(self, slot: int) -> int:
@@ -33,8 +36,10 @@ class Dispatcher:
         """Hand `slot` nothing more, then tell its worker to stop."""
     def close_listener(self) -> int:
         """Hand out what the backlog holds, then close; how many that was."""
-    def load(self, slot: int) -> tuple[int, int, int]:
-        """(open, in_flight, handed_total) for the worker in `slot`."""
+    def silence(self, slot: int) -> float:
+        """Seconds since the worker in `slot` last reported (its heartbeat)."""
+    def load(self, slot: int) -> tuple[int, int, int, int]:
+        """(open, queued, in_flight, handed_total) for the worker in `slot`."""
     def run(self, timeout: float) -> list[tuple[int, int]]:
         """Serve until Python has work: [(Event, slot or errno), ...]."""
     @property
@@ -58,4 +63,10 @@ class WorkerChannel:
     def receive(self) -> tuple[list[int], bool, bool]:
         """(fds, stop, closed); each handoff acknowledged before this returns."""
     def report(self, state: int) -> None: ...
+    def heartbeat(self) -> None: ...
+    def opened(self) -> None: ...
+    def closed(self) -> None: ...
+    def dequeue(self) -> None: ...
+    @property
+    def queued(self) -> int: ...
     def flush(self) -> bool: ...
