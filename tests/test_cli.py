@@ -36,6 +36,8 @@ def test_help_lists_every_option():
     assert result.returncode == 0
     for option in ("--host", "--port", "--workers", "--mode", "--policy", "--no-pin",
                    "--backlog", "--max-conns", "--graceful-timeout", "--log-level",
+                   "--queue-depth", "--keepalive-timeout", "--timeout", "--max-requests",
+                   "--max-requests-jitter",
                    "dispatch", "reuseport", "shared", "least-conn", "round-robin"):
         assert option in result.stdout
 
@@ -85,6 +87,10 @@ def test_host_that_is_not_ours():
     (["--policy", "random"], "argument --policy: invalid choice: 'random'"),
     (["--graceful-timeout", "-1"], "must not be negative"),
     (["--max-conns", "0"], "must be at least 1"),
+    (["--timeout", "1"], "--timeout must be 0 (off) or at least 2 seconds"),
+    (["--timeout", "soon"], "argument --timeout: 'soon' is not a number of seconds"),
+    (["--max-requests", "-5"], "argument --max-requests: must not be negative, not -5"),
+    (["--max-requests-jitter", "x"], "'x' is not a whole number"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments(args, words):

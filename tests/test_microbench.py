@@ -115,6 +115,7 @@ class StandInWorker:
 
     draining = False
     now = 0.0
+    requests = 0
     responses = Responses()
 
     def connection_opened(self, protocol) -> None:

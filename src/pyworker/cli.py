@@ -39,6 +39,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
 def port_number(text: str) -> int:
     try:
         value = int(text)
@@ -152,6 +162,26 @@ def build_parser() -> CliParser:
                        metavar="SECONDS",
                        help="how long an idle keep-alive connection stays "
                             "open (default: %(default)s)")
+    serve.add_argument("--timeout", type=seconds,
+                       default=env_default("timeout", defaults.timeout),
+                       metavar="SECONDS",
+                       help="watchdog: a worker whose event loop has not turned "
+                            "for this long (no heartbeat) is killed and replaced; "
+                            "it must exceed your longest request; 0 turns it off "
+                            "(default: %(default)s)")
+    serve.add_argument("--max-requests", type=whole_number,
+                       default=env_default("max_requests", defaults.max_requests),
+                       metavar="N",
+                       help="replace a worker, gracefully, after it has served "
+                            "about N requests (guards against leaks); 0: never "
+                            "(default: %(default)s)")
+    serve.add_argument("--max-requests-jitter", type=whole_number,
+                       default=env_default("max_requests_jitter",
+                                           defaults.max_requests_jitter),
+                       metavar="J",
+                       help="add a random 0..J to each worker's --max-requests, "
+                            "so workers are not all replaced at once "
+                            "(default: %(default)s)")
     serve.add_argument("--log-level", choices=LOG_LEVELS,
                        default=env_default("log_level", defaults.log_level),
                        help="(default: %(default)s)")
@@ -202,6 +232,8 @@ def run_serve(args: argparse.Namespace) -> int:
             queue_depth=int(args.queue_depth),
             graceful_timeout=float(args.graceful_timeout),
             keepalive_timeout=float(args.keepalive_timeout),
+            timeout=float(args.timeout), max_requests=int(args.max_requests),
+            max_requests_jitter=int(args.max_requests_jitter),
             log_level=args.log_level)
     except ValueError as exc:
         # Values that came from CYDISPATCH_* variables are checked here.

@@ -222,6 +222,7 @@ class HttpProtocol(asyncio.Protocol):
             status, body, keep_alive = 500, b"Internal Server Error\n", False
         self.respond(status, body, keep_alive, self.http11, method == b"HEAD")
         self.served += 1
+        self.server.requests += 1
         if not keep_alive:
             self.close()
 

@@ -15,6 +15,9 @@ POLICIES = ("least-conn", "round-robin")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 ENV_PREFIX = "CYDISPATCH_"
+# Workers send a heartbeat once a second; a watchdog shorter than two beats
+# would kill workers whose loop merely ran one request of up to a second.
+MIN_TIMEOUT = 2.0
 
 
 def available_cpus() -> list[int]:
@@ -35,6 +38,9 @@ class Settings:
     queue_depth: int = 4
     graceful_timeout: float = 30.0
     keepalive_timeout: float = 5.0
+    timeout: float = 30.0           # watchdog: a worker silent this long is killed
+    max_requests: int = 0           # recycle a worker after this many; 0: never
+    max_requests_jitter: int = 0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -56,6 +62,13 @@ class Settings:
             raise ValueError("--graceful-timeout must not be negative")
         if self.keepalive_timeout <= 0:
             raise ValueError("--keepalive-timeout must be positive")
+        if self.timeout != 0 and self.timeout < MIN_TIMEOUT:
+            raise ValueError(f"--timeout must be 0 (off) or at least {MIN_TIMEOUT:g} "
+                             "seconds (workers beat once a second)")
+        if self.max_requests < 0:
+            raise ValueError("--max-requests must not be negative")
+        if self.max_requests_jitter < 0:
+            raise ValueError("--max-requests-jitter must not be negative")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
 

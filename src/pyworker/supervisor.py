@@ -2,8 +2,14 @@
 
 The hot path (accepting connections and handing them to workers) runs in the
 Cython Dispatcher.  It returns here when there is something for Python to do:
-a signal arrived, a worker became ready or went away, accepting paused, or a
-tick passed.  This module does that work and goes back into the loop.
+a signal arrived, a worker became ready, asked to be replaced or went away,
+accepting paused, or a tick passed.  This module does that work and goes back
+into the loop.
+
+A *slot* is a place for one serving worker, with its CPU.  During a reload a
+slot briefly has two workers: the one serving and its successor, which takes
+over once it is ready.  Each live worker has a channel, numbered for the
+dispatcher; channel numbers are reused once free.
 
 As in gunicorn's arbiter, signal handlers only queue the signal; the loop
 dispatches it to a handle_<name> method.
@@ -22,12 +28,10 @@ import time
 from pyworker._dispatch import Dispatcher, Event
 from pyworker.listener import bind, format_address
 from pyworker.settings import Settings, available_cpus
-from pyworker.worker import WorkerSpec
+from pyworker.spec import WORKER_BOOT_ERROR, WorkerSpec
 
 log = logging.getLogger("cydispatch.primary")
 
-# Exit code of the primary when workers cannot start at all (as gunicorn's).
-WORKER_BOOT_ERROR = 3
 # Workers that die before reporting ready this many times in a row, in every
 # slot, mean they cannot start: the primary gives up instead of looping.
 MAX_BOOT_FAILURES = 3
@@ -36,27 +40,48 @@ MAX_BOOT_FAILURES = 3
 RESPAWN_BACKOFF_FIRST = 0.1
 RESPAWN_BACKOFF_CAP = 10.0
 STABLE_SECONDS = 10.0
+# A worker the watchdog stops gets this long between SIGTERM and SIGKILL.
+WATCHDOG_KILL_GRACE = 3.0
+# Before it is ready a worker is importing and binding, which on a loaded
+# machine can take seconds: the watchdog allows at least this much.
+BOOT_TIMEOUT = 10.0
 # The longest the primary sleeps between looks at its timers.
 TICK_SECONDS = 1.0
 LOAD_PAGE_SIZE = 4096
 SIGNAL_QUEUE_LIMIT = 16
 
 
-class WorkerSlot:
-    """A place for one worker: its index (the dispatcher's slot) and its CPU."""
+class WorkerProcess:
+    """One live worker process and what the primary knows of it."""
 
-    __slots__ = ("index", "cpu", "pid", "ready", "started_at", "deaths",
-                 "boot_failures", "start_at")
+    __slots__ = ("pid", "channel", "slot", "ready", "started_at", "retiring",
+                 "kill_at")
+
+    def __init__(self, pid: int, channel: int, slot: WorkerSlot) -> None:
+        self.pid = pid
+        self.channel = channel      # its number in the dispatcher
+        self.slot = slot
+        self.ready = False
+        self.started_at = time.monotonic()
+        self.retiring = False       # told to finish and exit; replaced already
+        self.kill_at = 0.0          # watchdog: SIGKILL then, if still alive
+
+
+class WorkerSlot:
+    """A place for one serving worker: its CPU, its worker, its restart history."""
+
+    __slots__ = ("index", "cpu", "worker", "successor", "deaths",
+                 "boot_failures", "successor_failures", "start_at")
 
     def __init__(self, index: int, cpu: int | None) -> None:
         self.index = index
         self.cpu = cpu
-        self.pid: int | None = None
-        self.ready = False
-        self.started_at = 0.0
-        self.deaths = 0            # in a row, each within STABLE_SECONDS of its start
-        self.boot_failures = 0     # in a row, each before the worker was ready
-        self.start_at = 0.0        # when to start the next worker (backoff)
+        self.worker: WorkerProcess | None = None      # serving, or starting
+        self.successor: WorkerProcess | None = None   # its replacement, starting
+        self.deaths = 0             # in a row, each within STABLE_SECONDS of its start
+        self.boot_failures = 0      # in a row, each before the worker was ready
+        self.successor_failures = 0  # replacements that died before ready
+        self.start_at = 0.0         # when to start the next worker (backoff)
 
 
 def describe_exit(status: int) -> str:
@@ -66,14 +91,27 @@ def describe_exit(status: int) -> str:
     return f"exit code {code}"
 
 
+def backoff(failures: int) -> float:
+    """The wait before the next start after `failures` quick deaths in a row."""
+    if failures <= 1:
+        return 0.0
+    return min(RESPAWN_BACKOFF_FIRST * 2 ** (failures - 2), RESPAWN_BACKOFF_CAP)
+
+
 class Arbiter:
-    SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+               signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cpus = available_cpus()
         self.slots: list[WorkerSlot] = []
-        self.pids: dict[int, WorkerSlot] = {}
+        self.workers: dict[int, WorkerProcess] = {}     # by pid
+        self.channels: dict[int, WorkerProcess] = {}    # by dispatcher number
+        # Slots whose worker is to be replaced, one at a time (reload,
+        # --max-requests), oldest request first.
+        self.replacements: list[WorkerSlot] = []
+        self.reloading = False
         self.signal_queue: list[int] = []
         self.stopping = False
         self.stop_deadline = 0.0
@@ -154,11 +192,13 @@ class Arbiter:
         for index in range(settings.workers):
             self.slots.append(WorkerSlot(index, self.cpu_for(index)))
         try:
-            while not (self.stopping and not self.pids):
+            while not (self.stopping and not self.workers):
                 self.start_due_workers()
+                self.start_next_replacement()
                 for event, arg in self.dispatcher.run(self.sleep_time()):
                     self.handle_event(event, arg)
                 self.handle_signals()
+                self.watch_workers()
                 self.check_stop_deadline()
         finally:
             self.kill_all()
@@ -167,35 +207,48 @@ class Arbiter:
         return self.exit_code
 
     def sleep_time(self) -> float:
-        """Until the next timer: a delayed respawn or the stop deadline."""
+        """Until the next timer: a delayed start, a watchdog kill, the stop deadline."""
         now = time.monotonic()
         due = [now + TICK_SECONDS]
         if self.stopping and not self.killed:
             due.append(self.stop_deadline)
         elif not self.stopping:
-            due += [slot.start_at for slot in self.slots if slot.pid is None]
+            # Starts that are due happened before this: only later ones count.
+            due += [slot.start_at for slot in self.slots
+                    if slot.worker is None and slot.start_at > now]
+            if self.replacements and self.replacements[0].start_at > now:
+                due.append(self.replacements[0].start_at)
+        due += [w.kill_at for w in self.workers.values() if w.kill_at]
         return max(0.0, min(due) - now)
 
-    def handle_event(self, event: int, arg: int) -> None:
+    def handle_event(self, event: int, channel: int) -> None:
+        if event in (Event.EVENT_ACCEPT_PAUSED, Event.EVENT_ACCEPT_RESUMED):
+            self.handle_accept_event(event, channel)
+            return
+        worker = self.channels.get(channel)
+        if worker is None:
+            return  # already reaped
         if event == Event.EVENT_READY:
-            slot = self.slots[arg]
-            slot.ready = True
-            slot.boot_failures = 0
-            where = f"on CPU {slot.cpu}" if slot.cpu is not None else "(not pinned)"
-            log.info("Worker %d started %s", slot.pid, where)
+            self.worker_ready(worker)
+        elif event == Event.EVENT_RECYCLE:
+            slot = worker.slot
+            if worker is slot.worker and slot not in self.replacements \
+                    and slot in self.slots and not self.stopping:
+                log.info("Replacing worker %d: it reached --max-requests", worker.pid)
+                self.replacements.append(slot)
         elif event == Event.EVENT_DRAINING:
-            log.info("Worker %d is finishing its connections",
-                     self.slots[arg].pid)
+            log.info("Worker %d is finishing its connections", worker.pid)
         elif event == Event.EVENT_CLOSED:
-            log.debug("Worker %d closed its channel", self.slots[arg].pid)
+            log.debug("Worker %d closed its channel", worker.pid)
         elif event == Event.EVENT_WORKER_FULL:
             log.warning("Worker %d is out of file descriptors; it gets no new "
-                        "connections until some of its own close",
-                        self.slots[arg].pid)
-        elif event == Event.EVENT_ACCEPT_PAUSED:
+                        "connections until some of its own close", worker.pid)
+
+    def handle_accept_event(self, event: int, err: int) -> None:
+        if event == Event.EVENT_ACCEPT_PAUSED:
             log.warning("Cannot accept connections (%s); pausing, they wait in the "
-                        "backlog until descriptors free up", errno.errorcode[arg])
-        elif event == Event.EVENT_ACCEPT_RESUMED:
+                        "backlog until descriptors free up", errno.errorcode[err])
+        else:
             log.info("Accepting connections again")
 
     def handle_signals(self) -> None:
@@ -211,11 +264,20 @@ class Arbiter:
             return
         now = time.monotonic()
         for slot in self.slots:
-            if slot.pid is None and slot.start_at <= now:
-                self.spawn(slot)
+            if slot.worker is None and slot.start_at <= now:
+                slot.worker = self.spawn(slot)
+                if slot in self.replacements:
+                    self.replacements.remove(slot)  # a new worker already
 
-    def spawn(self, slot: WorkerSlot) -> None:
+    def free_channel(self) -> int:
+        channel = 0
+        while channel in self.channels:
+            channel += 1
+        return channel
+
+    def spawn(self, slot: WorkerSlot) -> WorkerProcess:
         settings = self.settings
+        channel = self.free_channel()
         primary_end, worker_end = socket.socketpair(socket.AF_UNIX,
                                                     socket.SOCK_SEQPACKET)
         load_fd = os.memfd_create(f"cydispatch-load-{slot.index}",
@@ -225,7 +287,7 @@ class Arbiter:
             listen_fd = self.listener.fileno() if settings.mode == "shared" else -1
             spec = WorkerSpec(settings, slot.index, slot.cpu,
                               worker_end.fileno(), load_fd, listen_fd)
-            self.dispatcher.attach(slot.index, primary_end.detach(), load_fd)
+            self.dispatcher.attach(channel, primary_end.detach(), load_fd)
             # Everything is close-on-exec; these few are for this child only.
             inherited = [worker_end.fileno(), load_fd]
             if listen_fd >= 0:
@@ -238,7 +300,7 @@ class Arbiter:
                     [sys.executable, "-m", "pyworker.worker", spec.to_json()],
                     os.environ)
             except OSError:
-                self.dispatcher.detach(slot.index)
+                self.dispatcher.detach(channel)
                 raise
             finally:
                 for fd in inherited:
@@ -246,10 +308,35 @@ class Arbiter:
         finally:
             worker_end.close()
             os.close(load_fd)
-        slot.pid = pid
-        slot.ready = False
-        slot.started_at = time.monotonic()
-        self.pids[pid] = slot
+        worker = WorkerProcess(pid, channel, slot)
+        self.workers[pid] = worker
+        self.channels[channel] = worker
+        return worker
+
+    def worker_ready(self, worker: WorkerProcess) -> None:
+        worker.ready = True
+        slot = worker.slot
+        where = f"on CPU {slot.cpu}" if slot.cpu is not None else "(not pinned)"
+        log.info("Worker %d started %s", worker.pid, where)
+        if worker is slot.worker:
+            slot.boot_failures = 0
+        elif worker is slot.successor:
+            # The new worker serves; the old one finishes what it holds.
+            old = slot.worker
+            slot.worker, slot.successor = worker, None
+            slot.successor_failures = 0
+            if slot in self.replacements:
+                self.replacements.remove(slot)
+            if old is not None:
+                log.info("Worker %d replaces worker %d, which finishes its "
+                         "connections and exits", worker.pid, old.pid)
+                self.retire(old)
+
+    def retire(self, worker: WorkerProcess) -> None:
+        """Hand `worker` nothing more and tell it to finish up and exit."""
+        if not worker.retiring:
+            worker.retiring = True
+            self.dispatcher.retire(worker.channel)
 
     def handle_chld(self) -> None:
         while True:
@@ -259,27 +346,41 @@ class Arbiter:
                 return  # ECHILD: no children left to wait for
             if pid == 0:
                 return
-            slot = self.pids.pop(pid, None)
-            if slot is not None:
-                self.worker_exited(slot, status)
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self.worker_exited(worker, status)
 
-    def worker_exited(self, slot: WorkerSlot, status: int) -> None:
-        pid = slot.pid
-        slot.pid = None
-        orphans = self.dispatcher.detach(slot.index)
-        if self.stopping:
-            log.info("Worker %d exited (%s)", pid, describe_exit(status))
+    def worker_exited(self, worker: WorkerProcess, status: int) -> None:
+        del self.channels[worker.channel]
+        orphans = self.dispatcher.detach(worker.channel)
+        slot = worker.slot
+        if self.stopping or worker.retiring:
+            log.info("Worker %d exited (%s)", worker.pid, describe_exit(status))
         else:
-            log.warning("Worker %d died (%s)", pid, describe_exit(status))
+            log.warning("Worker %d died (%s)", worker.pid, describe_exit(status))
         if orphans:
             log.info("%d connections worker %d had not taken go to other workers",
-                     orphans, pid)
+                     orphans, worker.pid)
         if self.stopping:
             return
+        if worker is slot.successor:
+            self.successor_died(slot)
+        elif worker is slot.worker:
+            self.slot_lost_worker(slot, worker)
+
+    def slot_lost_worker(self, slot: WorkerSlot, worker: WorkerProcess) -> None:
+        """The slot's worker died or hangs: count it, and start another in time."""
+        slot.worker = None
+        if slot.successor is not None:
+            # Its replacement was starting anyway: it takes the slot.
+            slot.worker, slot.successor = slot.successor, None
+            if slot in self.replacements:
+                self.replacements.remove(slot)
+            return
         now = time.monotonic()
-        if not slot.ready:
+        if not worker.ready:
             slot.boot_failures += 1
-        if now - slot.started_at < STABLE_SECONDS:
+        if now - worker.started_at < STABLE_SECONDS:
             slot.deaths += 1
         else:
             slot.deaths = 0
@@ -289,14 +390,118 @@ class Arbiter:
             self.exit_code = WORKER_BOOT_ERROR
             self.stop(graceful=False)
             return
-        delay = 0.0
-        if slot.deaths > 1:
-            delay = min(RESPAWN_BACKOFF_FIRST * 2 ** (slot.deaths - 2),
-                        RESPAWN_BACKOFF_CAP)
+        delay = backoff(slot.deaths)
+        if delay:
             log.warning("Worker slot %d keeps dying (%d times in a row); "
                         "next start in %.1f s", slot.index, slot.deaths, delay)
         slot.start_at = now + delay
         log.info("Starting a new worker")
+
+    def successor_died(self, slot: WorkerSlot) -> None:
+        """A replacement died before it was ready; the old worker still serves."""
+        slot.successor = None
+        slot.successor_failures += 1
+        if slot.successor_failures >= MAX_BOOT_FAILURES:
+            log.error("Replacement workers die before they are ready (%d times "
+                      "in a row): replacing stops here, the running workers "
+                      "keep serving", slot.successor_failures)
+            slot.successor_failures = 0
+            self.replacements.clear()
+            self.reloading = False
+            return
+        delay = backoff(slot.successor_failures + 1)
+        log.warning("A replacement for worker %d died before it was ready; "
+                    "trying again in %.1f s", slot.worker.pid if slot.worker else 0,
+                    delay)
+        slot.start_at = time.monotonic() + delay
+
+    # Replacing workers: reload, --max-requests
+
+    def start_next_replacement(self) -> None:
+        """Start the successor of the first slot waiting for one, one at a time."""
+        if self.stopping or any(slot.successor is not None for slot in self.slots):
+            return
+        if not self.replacements:
+            if self.reloading:
+                self.reloading = False
+                log.info("Reload complete: every worker replaced")
+            return
+        slot = self.replacements[0]
+        if slot.worker is None or not slot.worker.ready:
+            return  # a new worker is starting there anyway
+        if slot.start_at <= time.monotonic():
+            slot.successor = self.spawn(slot)
+
+    def handle_hup(self) -> None:
+        if self.stopping:
+            return
+        log.info("Reloading: replacing %d workers one at a time", len(self.slots))
+        self.reloading = True
+        for slot in self.slots:
+            slot.successor_failures = 0
+            if slot not in self.replacements:
+                self.replacements.append(slot)
+
+    # Scaling
+
+    def handle_ttin(self) -> None:
+        if self.stopping:
+            return
+        index = len(self.slots)
+        self.slots.append(WorkerSlot(index, self.cpu_for(index)))
+        log.info("Adding a worker: %d now", len(self.slots))
+
+    def handle_ttou(self) -> None:
+        if self.stopping:
+            return
+        if len(self.slots) <= 1:
+            log.warning("Not removing the last worker (SIGTERM stops the server)")
+            return
+        slot = self.slots.pop()
+        if slot in self.replacements:
+            self.replacements.remove(slot)
+        log.info("Removing a worker: %d now", len(self.slots))
+        for worker in (slot.successor, slot.worker):
+            if worker is not None:
+                self.retire(worker)
+        slot.worker = slot.successor = None
+
+    # The watchdog
+
+    def watch_workers(self) -> None:
+        """Kill workers whose loop stopped turning: no heartbeat for --timeout."""
+        timeout = self.settings.timeout
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if worker.kill_at:
+                if now >= worker.kill_at:
+                    self.signal_worker(worker, signal.SIGKILL)
+                    worker.kill_at = 0.0
+                continue
+            if not timeout or self.killed:
+                continue
+            limit = timeout if worker.ready else max(timeout, BOOT_TIMEOUT)
+            silence = self.dispatcher.silence(worker.channel)
+            if silence < limit:
+                continue
+            log.warning("Worker %d has not answered for %.1f s (--timeout %g); "
+                        "stopping it", worker.pid, silence, timeout)
+            self.retire(worker)
+            self.signal_worker(worker, signal.SIGTERM)
+            worker.kill_at = now + WATCHDOG_KILL_GRACE
+            slot = worker.slot
+            if worker is slot.successor:
+                slot.successor = None
+                self.successor_died(slot)
+            elif worker is slot.worker and not self.stopping:
+                # Its replacement need not wait for it to go.
+                self.slot_lost_worker(slot, worker)
+
+    def signal_worker(self, worker: WorkerProcess, signum: int) -> None:
+        try:
+            os.kill(worker.pid, signum)
+        except ProcessLookupError:
+            pass  # ESRCH: it exited already; SIGCHLD will tell
 
     # Stopping
 
@@ -313,6 +518,7 @@ class Arbiter:
     def stop(self, graceful: bool) -> None:
         if not self.stopping:
             self.stopping = True
+            self.replacements.clear()
             self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
             # The listener closes first: what arrives from now on is refused by
             # the kernel, never accepted and then dropped.
@@ -322,31 +528,27 @@ class Arbiter:
             if graceful:
                 log.info("Stopping: finishing requests in progress (up to %g s)",
                          self.settings.graceful_timeout)
-                for slot in self.slots:
-                    if slot.pid is not None:
-                        self.dispatcher.retire(slot.index)
+                for worker in self.workers.values():
+                    self.retire(worker)
                 return
         if not graceful and not self.killed:
             log.info("Stopping now")
             self.kill_workers()
 
     def check_stop_deadline(self) -> None:
-        if self.stopping and not self.killed and self.pids \
+        if self.stopping and not self.killed and self.workers \
                 and time.monotonic() >= self.stop_deadline:
-            log.warning("Graceful timeout: killing %d workers", len(self.pids))
+            log.warning("Graceful timeout: killing %d workers", len(self.workers))
             self.kill_workers()
 
     def kill_workers(self) -> None:
         self.killed = True
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # ESRCH: it exited already; SIGCHLD will tell
+        for worker in self.workers.values():
+            self.signal_worker(worker, signal.SIGKILL)
 
     def kill_all(self) -> None:
         """Last resort on the way out: no worker outlives the primary."""
-        for pid in list(self.pids):
+        for pid in list(self.workers):
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
@@ -354,4 +556,4 @@ class Arbiter:
                 pass  # reaped already
             except ProcessLookupError:
                 pass
-        self.pids.clear()
+        self.workers.clear()

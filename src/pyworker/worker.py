@@ -6,18 +6,20 @@ the listening socket as inherited fds.  In dispatch mode connections arrive
 over the channel; in the baseline modes the worker accepts them itself.  The
 HTTP layer and the app are the same in all three.
 
-It exits when the primary says stop, on SIGTERM, or when the channel ends
-(the primary died): in each case it finishes the requests it holds first.
+Once a tick it sends the primary a heartbeat over the channel (the watchdog
+kills a worker that goes silent) and, past --max-requests, asks to be
+replaced.  It exits when the primary says stop (a stop, a reload, its
+replacement is ready), on SIGTERM, or when the channel ends (the primary
+died): in each case it finishes the requests it holds first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
-import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -30,36 +32,15 @@ from pyworker._dispatch import WorkerChannel, WorkerState
 from pyworker.app import HelloApp
 from pyworker.http import HttpProtocol, Responses
 from pyworker.listener import ListenError, bind, resolve
-from pyworker.settings import Settings
+from pyworker.spec import WORKER_BOOT_ERROR, WorkerSpec
 
 log = logging.getLogger("cydispatch.worker")
 
-# The supervisor reads this exit code as "could not start at all".
-WORKER_BOOT_ERROR = 3
+# How often the worker looks at its clocks and sends the primary a heartbeat.
 TICK_SECONDS = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerSpec:
-    """What the primary tells a worker it starts."""
-
-    settings: Settings
-    slot: int
-    cpu: int | None         # the CPU to pin to; None with --no-pin
-    channel_fd: int
-    load_fd: int
-    listen_fd: int = -1     # shared mode only
-
-    def to_json(self) -> str:
-        fields = dataclasses.asdict(self)
-        fields["settings"] = dataclasses.asdict(self.settings)
-        return json.dumps(fields)
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        fields = json.loads(text)
-        fields["settings"] = Settings(**fields["settings"])
-        return cls(**fields)
+# Signals meant for the primary (reload, scaling) that may reach the whole
+# process group; a worker must not stop or die of them.
+PRIMARY_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 class HandedConnection:
@@ -97,6 +78,13 @@ class Worker:
         self.family = resolve(self.settings.host, self.settings.port)[0]
         self.draining = False
         self.drain_deadline = 0.0
+        # Counted by HttpProtocol; checked once a tick against the limit.
+        self.requests = 0
+        self.max_requests = 0
+        if self.settings.max_requests:
+            self.max_requests = self.settings.max_requests + random.randint(
+                0, self.settings.max_requests_jitter)
+        self.recycling = False
         self.ticks = 0
         self.now = time.monotonic()
         self.responses = Responses()
@@ -116,7 +104,8 @@ class Worker:
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         # Ctrl-C reaches the whole process group; the primary leads the stop.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in PRIMARY_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, loop.stop)
         loop.add_reader(self.channel.fileno(), self.on_channel_readable)
@@ -221,6 +210,16 @@ class Worker:
         self.ticks += 1
         self.now = time.monotonic()
         self.responses.tick()
+        # The watchdog's evidence that this loop turns (see --timeout).
+        self.channel.heartbeat()
+        if self.max_requests and self.requests >= self.max_requests \
+                and not self.recycling and not self.draining:
+            # The primary starts a replacement and then stops this worker the
+            # way a reload does; until then this worker serves as before.
+            self.recycling = True
+            log.info("Worker %d served %d requests; asking to be replaced",
+                     os.getpid(), self.requests)
+            self.channel.report(WorkerState.WORKER_RECYCLE)
         # A handed connection still unread a whole tick later is not waiting
         # for us but for its client (its first bytes are slow to come): it
         # must not hold a place in the queue the primary measures.

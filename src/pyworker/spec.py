@@ -1,0 +1,37 @@
+"""What the primary tells a worker it starts, as JSON on its command line.
+
+A module of its own so that the primary, which only writes a spec, does not
+import what a worker serves with (uvloop, httptools, the app).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from pyworker.settings import Settings
+
+# Exit code of a worker that could not start, and of the primary when no
+# worker can (as gunicorn's).
+WORKER_BOOT_ERROR = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    settings: Settings
+    slot: int
+    cpu: int | None         # the CPU to pin to; None with --no-pin
+    channel_fd: int
+    load_fd: int
+    listen_fd: int = -1     # shared mode only
+
+    def to_json(self) -> str:
+        fields = dataclasses.asdict(self)
+        fields["settings"] = dataclasses.asdict(self.settings)
+        return json.dumps(fields)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        fields = json.loads(text)
+        fields["settings"] = Settings(**fields["settings"])
+        return cls(**fields)

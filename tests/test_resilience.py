@@ -1,0 +1,299 @@
+"""Nothing accepted is lost: workers that stop, hang, crash, recycle; reloads, stops.
+
+Each test drives the real server with the load client (a new connection per
+request) while something happens to it, and checks what the clients saw.
+The baseline modes run the same scenarios where the README compares them;
+what they lose is recorded with `record_property` and asserted only where
+the loss is certain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from http_client import get
+from load_client import LoadClient, failures, summary
+from observe import alive, processes_in_group
+from pyworker.bench.server import ServerFailed
+from waiting import DEADLINE, wait_until
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def stop_process(pid: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: state_of(pid) == "T", message=f"worker {pid} to stop")
+
+
+def record_losses(record_property, outcomes) -> list:
+    """Record what the clients lost (for the README's table); the failed outcomes."""
+    lost = failures(outcomes)
+    record_property("requests", len(outcomes))
+    record_property("failed", summary(lost))
+    return lost
+
+
+def new_workers(server, old: set[int]) -> dict[int, int | None]:
+    return {pid: cpu for pid, cpu in server.started_workers().items() if pid not in old}
+
+
+# A worker that stops serving, then dies
+
+@pytest.mark.parametrize("mode, policy", [
+    ("dispatch", "least-conn"), ("dispatch", "round-robin"),
+    ("shared", "least-conn"), ("reuseport", "least-conn")])
+def test_requests_to_a_stopped_worker_are_served_once_it_dies(
+        start_server, record_property, mode, policy):
+    server = start_server("--mode", mode, "--policy", policy, "--timeout", "0")
+    first = server.started_workers()
+    victim = next(iter(first))
+    stop_process(victim)
+    stopped_at = time.monotonic()
+    with LoadClient(server.host, server.port, threads=8) as load:
+        # Some connections reach the stopped worker and wait there (the
+        # dispatcher hands it at most --queue-depth); the others are served.
+        # (In reuseport mode every thread soon waits on it: nothing else moves.)
+        if mode != "shared":
+            wait_until(lambda: load.stuck(1.0), message="a request held by the stopped worker")
+        if mode != "reuseport":
+            wait_until(lambda: load.count("ok") >= 20, message="20 requests served")
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for_log(rf"Worker {victim} died \(signal SIGKILL\)")
+        wait_until(lambda: new_workers(server, set(first)), message="a replacement worker")
+        after_kill = time.monotonic()
+        wait_until(lambda: load.count("ok", since=after_kill) >= 20,
+                   message="20 requests served after the kill")
+    outcomes = [o for o in load.results() if o.started >= stopped_at]
+    lost = record_losses(record_property, outcomes)
+    assert all(o.pid != victim for o in outcomes if o.kind == "ok")
+    if mode == "dispatch":
+        # It never read them: the primary gives them to the other worker.
+        assert not lost, summary(lost)
+        handed_back = server.find(rf"(\d+) connections worker {victim} had not taken")
+        assert handed_back and int(handed_back[0].group(1)) >= 1
+    elif mode == "shared":
+        # A stopped worker accepts nothing from the shared queue.
+        assert not lost, summary(lost)
+    else:
+        # Its own SO_REUSEPORT queue held them; its death resets them.
+        assert lost and {o.kind for o in lost} <= {"reset", "truncated"}
+
+
+# Rolling reload
+
+@pytest.mark.parametrize("mode", ["dispatch", "shared", "reuseport"])
+def test_sighup_replaces_every_worker_under_load(start_server, record_property, mode):
+    server = start_server("--mode", mode)
+    old = server.started_workers()
+    with LoadClient(server.host, server.port, threads=8, pause=0) as load:
+        wait_until(lambda: load.count("ok") >= 50, message="50 requests before the reload")
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"Reload complete: every worker replaced")
+        wait_until(lambda: not any(alive(pid) for pid in old),
+                   message="the old workers to exit")
+        reloaded = time.monotonic()
+        wait_until(lambda: load.count("ok", since=reloaded) >= 50,
+                   message="50 requests after the reload")
+    outcomes = load.results()
+    lost = record_losses(record_property, outcomes)
+    new = new_workers(server, set(old))
+    assert len(new) == 2
+    # Each slot keeps its CPU.
+    assert sorted(new.values(), key=str) == sorted(old.values(), key=str)
+    assert server.worker_pids() == set(new)
+    assert {o.pid for o in outcomes if o.kind == "ok" and o.started >= reloaded} <= set(new)
+    assert server.proc.poll() is None
+    if mode != "reuseport":
+        # The listener never closes: the old workers finish, the new take over.
+        assert not lost, summary(lost)
+    else:
+        # An old worker's own queue goes with it; only resets, never half answers.
+        assert {o.kind for o in lost} <= {"reset"}
+
+
+def test_a_reload_that_cannot_start_new_workers_keeps_the_old_ones(start_server, tmp_path):
+    server = start_server(env=broken_uvloop(tmp_path, later=True))
+    old = set(server.started_workers())
+    (tmp_path / "broken").touch()   # from now on, new workers fail to start
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"Replacement workers die before they are ready")
+    assert server.worker_pids() == old
+    assert {get(server.host, server.port).pid for _ in range(20)} <= old
+    assert not server.find("Reload complete")
+
+
+# Graceful stop under load
+
+@pytest.mark.parametrize("mode", ["dispatch", "shared", "reuseport"])
+def test_sigterm_under_slow_load_finishes_what_was_sent(start_server, record_property, mode):
+    server = start_server("--mode", mode)
+    with LoadClient(server.host, server.port, path="/slow?ms=50", threads=6) as load:
+        wait_until(lambda: load.count("ok") >= 10, message="10 slow requests served")
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(DEADLINE) == 0
+        exited = time.monotonic()
+    outcomes = load.results()
+    record_losses(record_property, outcomes)
+    assert not processes_in_group(server.pgid)
+    # Nothing is ever cut off in the middle of a response.
+    assert not [o for o in outcomes if o.kind in ("truncated", "error")], summary(outcomes)
+    sent_before = [o for o in outcomes if o.sent is not None and o.sent < signalled]
+    record_property("lost_of_sent_before_the_stop", summary(failures(sent_before)))
+    if mode == "dispatch":
+        # Everything sent before the stop began is answered: the primary hands
+        # out the whole backlog before it closes the listener.  (In the
+        # baseline modes the last worker to close a listener resets its queue.)
+        assert all(o.kind == "ok" for o in sent_before), summary(sent_before)
+    # Once the server is gone, connecting is refused, not left hanging.
+    assert all(o.kind == "refused" for o in outcomes if o.started > exited)
+
+
+# Scaling
+
+@pytest.mark.parametrize("mode", ["dispatch", "shared", "reuseport"])
+def test_ttin_adds_a_worker_and_ttou_retires_one(start_server, mode):
+    server = start_server("--mode", mode)
+    first = server.started_workers()
+    server.proc.send_signal(signal.SIGTTIN)
+    server.wait_for_log(r"Adding a worker: 3 now")
+    added = wait_until(lambda: new_workers(server, set(first)), message="a third worker")
+    (pid, cpu) = next(iter(added.items()))
+    assert cpu == CPUS[2 % len(CPUS)]
+    wait_until(lambda: len(server.worker_pids()) == 3, message="three workers")
+    wait_until(lambda: pid in {get(server.host, server.port).pid for _ in range(10)},
+               message="the new worker to serve")
+
+    server.proc.send_signal(signal.SIGTTOU)
+    server.wait_for_log(r"Removing a worker: 2 now")
+    server.wait_for_log(rf"Worker {pid} exited \(exit code 0\)")
+    assert server.worker_pids() == set(first)
+
+    server.proc.send_signal(signal.SIGTTOU)
+    server.wait_for_log(r"Removing a worker: 1 now")
+    server.proc.send_signal(signal.SIGTTOU)
+    server.wait_for_log(r"Not removing the last worker")
+    wait_until(lambda: len(server.worker_pids()) == 1, message="one worker left")
+    assert get(server.host, server.port).status == 200
+    assert server.proc.poll() is None
+
+
+# The watchdog
+
+@pytest.mark.parametrize("mode", ["dispatch", "shared", "reuseport"])
+def test_watchdog_replaces_a_hung_worker(start_server, record_property, mode):
+    server = start_server("--mode", mode, "--timeout", "2")
+    workers = server.started_workers()
+    victim, cpu = next(iter(workers.items()))
+    stop_process(victim)
+    stopped_at = time.monotonic()
+    with LoadClient(server.host, server.port, threads=8) as load:
+        server.wait_for_log(rf"Worker {victim} has not answered for [\d.]+ s")
+        wait_until(lambda: not alive(victim), message="the hung worker to be killed")
+        replacement = wait_until(lambda: new_workers(server, set(workers)),
+                                 message="a replacement worker")
+        assert list(replacement.values()) == [cpu]
+        after = time.monotonic()
+        wait_until(lambda: load.count("ok", since=after) >= 20,
+                   message="20 requests served after the replacement")
+    outcomes = [o for o in load.results() if o.started >= stopped_at]
+    lost = record_losses(record_property, outcomes)
+    if mode == "reuseport":
+        # What the kernel queued on the hung worker's own socket is reset.
+        assert {o.kind for o in lost} <= {"reset"}
+    else:
+        # Dispatch re-dispatches what the hung worker never took; a shared
+        # socket leaves it to the other worker.
+        assert not lost, summary(lost)
+    # The other worker, busy but alive, was left alone.
+    assert len(server.find(r"has not answered")) == 1
+
+
+def test_watchdog_off_leaves_a_stopped_worker_alone(start_server):
+    server = start_server("--timeout", "0", "--log-level", "debug")
+    victim = next(iter(server.started_workers()))
+    stop_process(victim)
+    # Absence needs a window: 3 s is longer than any timeout allowed (2 s).
+    with pytest.raises(ServerFailed, match="timed out"):
+        server.wait_for_log(r"has not answered", timeout=3.0)
+    assert alive(victim)
+    os.kill(victim, signal.SIGCONT)
+
+
+# Workers that keep dying
+
+def broken_uvloop(path, later: bool = False) -> dict:
+    """Environment in which a worker cannot import uvloop (the primary never does).
+
+    A `uvloop` package on PYTHONPATH shadows the real one: it fails to import,
+    or with `later` only once the file `broken` exists, and until then hands
+    over to the real uvloop.
+    """
+    package = path / "uvloop"
+    package.mkdir()
+    condition = f"os.path.exists({str(path / 'broken')!r})" if later else "True"
+    (package / "__init__.py").write_text(
+        "import os, sys\n"
+        f"if {condition}:\n"
+        "    raise ImportError('uvloop broken on purpose by the test')\n"
+        f"sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != {str(path)!r}]\n"
+        "del sys.modules[__name__]\n"
+        "import uvloop\n")
+    return {"PYTHONPATH": str(path)}
+
+
+def test_workers_that_cannot_start_back_off_and_the_primary_exits_3(start_server, tmp_path):
+    server = start_server(env=broken_uvloop(tmp_path), ready=False)
+    assert server.proc.wait(DEADLINE) == 3
+    server.kill()
+    assert server.find(r"Worker slot \d keeps dying \(2 times in a row\); next start in 0\.1 s")
+    assert server.find(r"Worker slot \d keeps dying \(3 times in a row\); next start in 0\.2 s")
+    assert server.find(r"Workers cannot start: each died before it was ready 3 times")
+    assert server.find(r"ImportError: uvloop broken on purpose")
+    assert not server.find(r"Worker \d+ started")
+    assert not processes_in_group(server.pgid)
+
+
+def test_a_worker_that_keeps_dying_is_restarted_later_and_later(start_server):
+    server = start_server(workers=1)
+    for deaths in range(1, 4):
+        (pid,) = server.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        server.wait_for_log(rf"Worker {pid} died")
+        server.wait_for_log(r"Worker \d+ started", count=deaths + 1)
+    assert server.find(r"keeps dying \(2 times in a row\); next start in 0\.1 s")
+    assert server.find(r"keeps dying \(3 times in a row\); next start in 0\.2 s")
+    assert get(server.host, server.port).status == 200
+
+
+# Recycling
+
+def test_max_requests_replaces_workers_without_failing_a_request(start_server):
+    server = start_server("--max-requests", "40", "--max-requests-jitter", "10")
+    first = server.started_workers()
+    with LoadClient(server.host, server.port) as load:
+        server.wait_for_log(r"Worker \d+ served \d+ requests; asking to be replaced")
+        server.wait_for_log(r"Replacing worker \d+: it reached --max-requests")
+        server.wait_for_log(r"Worker \d+ replaces worker \d+")
+        wait_until(lambda: any(not alive(pid) for pid in first),
+                   message="a recycled worker to exit")
+        after = time.monotonic()
+        wait_until(lambda: load.count("ok", since=after) >= 20,
+                   message="20 requests after a recycle")
+    outcomes = load.results()
+    assert not failures(outcomes), summary(failures(outcomes))
+    served = server.find(r"Worker \d+ served (\d+) requests")
+    assert all(40 <= int(m.group(1)) for m in served)
+    recycled = {int(m.group(1)) for m in server.find(r"Worker (\d+) exited \(exit code 0\)")}
+    assert recycled & set(first)
+    # Replacements sit on the CPUs their predecessors had.
+    assert set(server.started_workers().values()) == set(first.values())
