@@ -14,10 +14,12 @@ before it reads a byte, so a connection that was never acknowledged was never
 touched and can be handed to another worker if its worker goes away.
 
 Each worker shares a load page with the primary (LoadPage): how many
-connections it holds open, and how many of those it has not started reading
-yet, its queue.  least-conn reads the open count directly, so closing a
-connection costs the worker no message and the primary no wake-up.  A worker
-whose queue holds `queue_depth` connections gets no more: new connections
+connections it holds open, how many of those have not had their first
+request answered yet (its queue), and since when it has been inside a
+request's callbacks, if it is.  The primary reads them directly, so none of
+this costs a message or a wake-up.  A worker whose queue holds `queue_depth`
+connections gets no more, and neither does one that has been inside one
+request for over a millisecond (it is busy with slow work): new connections
 wait in the listener's backlog, one queue for all workers, and go to the
 first worker that catches up.  A request stuck behind a slow one in a
 worker's queue is what makes tail latency; a shared queue keeps that short.
@@ -53,6 +55,12 @@ cdef enum:
     MAX_ACCEPTS_PER_WAKE = 1024
     MAX_EPOLL_EVENTS = 64
     MAX_REPORTS_PER_READ = 32
+    # A worker inside one request's callbacks for longer than this is busy
+    # with slow work: serving a plain request takes tens of microseconds.
+    STUCK_MICROSECONDS = 300
+    # While some worker is stuck, the others may hold this many times
+    # --queue-depth unread: they take the load in bigger batches.
+    STUCK_DEPTH_FACTOR = 4
     LOAD_PAGE_SIZE = 4096
 
 # epoll tags: a channel is tagged with its slot index, these with values no
@@ -95,14 +103,16 @@ cdef struct HandoffControl:  # ancillary buffer for one handoff
 #
 # The nudge is a store-then-load handshake on each side, so that the primary
 # cannot go to sleep waiting for a worker to have room while the worker makes
-# room unseen: the primary sets `nudge` and then reads the counts; the worker
-# lowers a count and then reads `nudge`, and if it is set, clears it and sends
-# a report, which wakes the primary.  With sequentially consistent accesses at
-# least one side sees the other's write.
+# room unseen: the primary sets `nudge` and then reads the page; the worker
+# lowers a count or clears `busy_since` and then reads `nudge`, and if it is
+# set, clears it and sends a report, which wakes the primary.  With
+# sequentially consistent accesses at least one side sees the other's write.
 cdef struct LoadPage:
     uint32_t open       # connections the worker holds (written by the worker)
-    uint32_t queued     # of those, not yet read from (written by the worker)
+    uint32_t queued     # of those, first request not answered yet (the worker)
     uint32_t nudge      # set by the primary, cleared by the worker
+    uint32_t busy_since  # microsecond clock (wrapping) when the worker entered
+                         # a request's callbacks; 0 when it is between them
 
 
 cpdef enum WorkerState:     # a worker's state, as it reports it
@@ -140,6 +150,15 @@ cdef inline double monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline uint32_t clock_us() noexcept nogil:
+    """A microsecond clock that wraps every 71 minutes; never 0 (0 means idle)."""
+    cdef timespec ts
+    cdef uint32_t now
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    now = <uint32_t>(<uint64_t>ts.tv_sec * 1000000 + <uint64_t>ts.tv_nsec // 1000)
+    return now if now else 1
 
 
 cdef int raise_errno(int err) except -1:
@@ -281,6 +300,7 @@ cdef struct Slot:
     uint32_t events         # EVENT_* bits not yet returned to Python
     bint recycle_asked      # EVENT_RECYCLE was returned for this worker
     double last_heard       # when its last report came: the watchdog's clock
+    bint stuck              # in one request for over STUCK_MICROSECONDS (_pick)
     uint64_t handed_total   # connections handed to this worker, for stats
     uint32_t orphaned       # left for others when its channel closed
     FdQueue handed          # sent, not yet acknowledged, oldest first
@@ -322,7 +342,7 @@ cdef class Dispatcher:
 
     def __cinit__(self, int listen_fd=-1, int wake_fd=-1,
                   str policy="least-conn", uint32_t max_conns=1024,
-                  uint32_t queue_depth=4):
+                  uint32_t queue_depth=2):
         cdef int k
         self.epfd = -1
         self.listen_fd = -1
@@ -587,16 +607,36 @@ cdef class Dispatcher:
     cdef int _pick(self) noexcept:
         """The slot for the next connection, or -1 when no worker can take one.
 
-        least-conn orders workers by the connections they have not read yet,
-        then by those they hold: a worker stuck in a slow request reads
-        nothing, so its unread count stays up while a healthy worker's falls
-        back to zero within one turn of its loop.  With nothing unread (keep-
-        alive traffic) this is plain least connections.
+        least-conn orders workers by the connections they have not answered
+        yet, then by those they hold: a worker busy with a slow request
+        answers nothing, so its count stays up while a healthy worker's falls
+        back to zero within one turn of its loop.  With nothing unanswered
+        (keep-alive traffic) this is plain least connections.
         """
         cdef int best = -1, i, k
-        cdef uint32_t load, in_flight, unread
+        cdef uint32_t load, in_flight, unread, depth, since, now = 0
         cdef uint64_t rank, best_rank = 0xFFFFFFFFFFFFFFFF
+        cdef bint any_stuck = False
         cdef Slot *s
+        # A worker that has been in one request for a while is busy with slow
+        # work, and whatever it is handed waits for that: it gets nothing
+        # (it nudges when it leaves the request, see WorkerChannel.end), and
+        # meanwhile the others may queue more, so that they take the load in
+        # fewer, bigger batches.
+        for i in range(self.nslots):
+            s = &self.slots[i]
+            s.stuck = False
+            if s.state != SLOT_ACTIVE:
+                continue
+            since = atomic_load_u32(&s.page.busy_since)
+            if since:
+                if not now:
+                    now = clock_us()
+                # Unsigned difference: wraps correctly; a stamp a hair newer
+                # than `now` gives a huge value, read as not stuck.
+                if STUCK_MICROSECONDS < now - since < 0x80000000:
+                    s.stuck = True
+                    any_stuck = True
         for k in range(self.nslots):
             i = self.next_slot + k
             if i >= self.nslots:
@@ -608,7 +648,12 @@ cdef class Dispatcher:
             unread = atomic_load_u32(&s.page.queued) + in_flight
             load = atomic_load_u32(&s.page.open) + in_flight
             if not self.closing:
-                if unread >= self.queue_depth:
+                if s.stuck:
+                    continue
+                depth = self.queue_depth
+                if any_stuck:
+                    depth *= STUCK_DEPTH_FACTOR
+                if unread >= depth:
                     continue    # it has not caught up: keep this in the backlog
                 if load >= self.max_conns:
                     continue
@@ -854,7 +899,8 @@ cdef class WorkerChannel:
     """A worker's end of its channel: receives handoffs, reports back.
 
     Owns the channel fd and the worker's side of the load page: its counts of
-    open and queued (not yet read) connections.
+    open and queued (first request not yet answered) connections, and whether
+    it is inside a request.
     """
 
     cdef:
@@ -909,8 +955,17 @@ cdef class WorkerChannel:
         atomic_sub_u32(&self.page.open, 1)
         self._nudge_if_asked()
 
+    def begin(self):
+        """The worker enters a request's callbacks (see LoadPage.busy_since)."""
+        atomic_store_u32(&self.page.busy_since, clock_us())
+
+    def end(self):
+        """...and leaves them: the primary may be waiting for that."""
+        atomic_store_u32(&self.page.busy_since, 0)
+        self._nudge_if_asked()
+
     def dequeue(self):
-        """A handed connection is being read (or is gone): off the queue."""
+        """A handed connection is answered (or is gone): off the queue."""
         atomic_sub_u32(&self.page.queued, 1)
         self._nudge_if_asked()
 
@@ -932,9 +987,9 @@ cdef class WorkerChannel:
         `fds` are the connections to serve, in order; each handoff is
         acknowledged before this returns, that is before a byte of them is
         read.  They count as open and queued connections from now on (see
-        dequeue).  `stop` is True
-        when the primary asked this worker to finish and exit; `closed` when
-        the channel reached its end (the primary is gone).
+        dequeue).  `stop` is True when the primary asked this worker to finish
+        and exit; `closed` when the channel reached its end (the primary is
+        gone).
         """
         cdef CommandMessage command
         cdef iovec iov

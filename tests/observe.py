@@ -109,12 +109,12 @@ def cpu_seconds(pid: int) -> float:
 
 def busy_worker(server, conn, path: str) -> int:
     """Send `path` and wait until a worker is burning CPU on it; its pid."""
-    (pid,) = server.started_workers()
-    before = cpu_seconds(pid)
+    workers = list(server.started_workers())
+    before = {pid: cpu_seconds(pid) for pid in workers}
     conn.request(path)
-    wait_until(lambda: cpu_seconds(pid) - before >= 0.05,
-               message="the worker to start on the request")
-    return pid
+    return wait_until(lambda: next((pid for pid in workers
+                                    if cpu_seconds(pid) - before[pid] >= 0.05), None),
+                      message="a worker to start on the request")
 
 
 def server_side_state(server_port: int, client_port: int) -> str:

@@ -127,6 +127,12 @@ class StandInWorker:
     def dequeued(self, protocol) -> None:
         pass
 
+    def begin(self) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
 
 def serving(protocol, data: bytes):
     """A connected protocol, and a function feeding it `data`: how many responses."""

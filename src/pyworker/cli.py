@@ -147,9 +147,11 @@ def build_parser() -> CliParser:
     serve.add_argument("--queue-depth", type=positive_int,
                        default=env_default("queue_depth", defaults.queue_depth),
                        metavar="N",
-                       help="connections a worker may hold unread in dispatch "
-                            "mode; beyond that, new ones wait in the backlog for "
-                            "the first worker to catch up (default: %(default)s)")
+                       help="connections a worker may hold unanswered in "
+                            "dispatch mode; beyond that, new ones wait in the "
+                            "backlog for the first worker to catch up; higher "
+                            "gives more throughput, lower a shorter tail "
+                            "(default: %(default)s)")
     serve.add_argument("--graceful-timeout", type=seconds,
                        default=env_default("graceful_timeout",
                                            defaults.graceful_timeout),

@@ -118,7 +118,7 @@ class HttpProtocol(asyncio.Protocol):
         self.served = 0
         self.http11: bool | None = None     # the client's version, read once
         # The worker's tick when this connection was handed over, until its
-        # first bytes are read: until then it is in the worker's queue.
+        # first request is answered: until then it is in the worker's queue.
         self.queued_at = queued_at
 
     # asyncio.Protocol
@@ -147,34 +147,39 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.queued_at is not None:
-            self.dequeue()
         if self.closing:
             return
-        self.last_active = self.server.now
-        if not self.in_body:
-            self.head_seen += len(data)
+        server = self.server
+        # The primary sees how long this worker has been in here: one that
+        # stays long (a slow request) gets no new connections meanwhile.
+        server.begin()
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, RequestRejected):
-                self.reject(cause.status)
-            elif not isinstance(cause, StopParsing):
-                log.exception("request handling failed", exc_info=cause)
-                self.reject(500)
-        except httptools.HttpParserUpgrade:
-            # Upgrades (WebSocket, h2c) are not served; the request before the
-            # upgrade point was answered and the connection closes after it.
-            self.close()
-        except httptools.HttpParserError:
-            self.reject(400)
-        else:
-            # A head still arriving after this many bytes is too large, even
-            # if the parser has not yet seen where its headers end.
-            if not self.in_body and self.head_seen > MAX_HEAD_BYTES \
-                    and not self.closing:
-                self.reject(431)
+            self.last_active = server.now
+            if not self.in_body:
+                self.head_seen += len(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__context__
+                if isinstance(cause, RequestRejected):
+                    self.reject(cause.status)
+                elif not isinstance(cause, StopParsing):
+                    log.exception("request handling failed", exc_info=cause)
+                    self.reject(500)
+            except httptools.HttpParserUpgrade:
+                # Upgrades (WebSocket, h2c) are not served; the request before
+                # the upgrade point was answered and the connection closes.
+                self.close()
+            except httptools.HttpParserError:
+                self.reject(400)
+            else:
+                # A head still arriving after this many bytes is too large,
+                # even if the parser has not yet seen where its headers end.
+                if not self.in_body and self.head_seen > MAX_HEAD_BYTES \
+                        and not self.closing:
+                    self.reject(431)
+        finally:
+            server.end()
 
     # httptools callbacks
 
@@ -220,6 +225,10 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:
             log.exception("application error on %r", target)
             status, body, keep_alive = 500, b"Internal Server Error\n", False
+        if self.queued_at is not None:
+            # Off the queue before the answer goes out: the client may open
+            # its next connection before this worker runs another line.
+            self.dequeue()
         self.respond(status, body, keep_alive, self.http11, method == b"HEAD")
         self.served += 1
         self.server.requests += 1
@@ -250,7 +259,7 @@ class HttpProtocol(asyncio.Protocol):
     # Called by the worker
 
     def dequeue(self) -> None:
-        """Being read (or given up on): no longer waiting in the worker's queue."""
+        """Answered (or given up on): no longer waiting in the worker's queue."""
         self.queued_at = None
         self.server.dequeued(self)
 

@@ -35,7 +35,7 @@ class Settings:
     pin: bool = True
     backlog: int = 2048
     max_conns: int = 1024
-    queue_depth: int = 4
+    queue_depth: int = 2
     graceful_timeout: float = 30.0
     keepalive_timeout: float = 5.0
     timeout: float = 30.0           # watchdog: a worker silent this long is killed

@@ -100,6 +100,9 @@ class Worker:
         if spec.cpu is not None:
             os.sched_setaffinity(0, {spec.cpu})
         self.channel = WorkerChannel(spec.channel_fd, spec.load_fd)
+        # Called around every request's callbacks (HttpProtocol): bound once.
+        self.begin = self.channel.begin
+        self.end = self.channel.end
         os.close(spec.load_fd)   # mapped; the fd itself is not needed
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -220,9 +223,10 @@ class Worker:
             log.info("Worker %d served %d requests; asking to be replaced",
                      os.getpid(), self.requests)
             self.channel.report(WorkerState.WORKER_RECYCLE)
-        # A handed connection still unread a whole tick later is not waiting
-        # for us but for its client (its first bytes are slow to come): it
-        # must not hold a place in the queue the primary measures.
+        # A handed connection still unanswered a whole tick later is waiting
+        # for its client (its request is slow to come) or is a slow request
+        # the primary already sees as one: it must not hold a place in the
+        # queue the primary measures.
         for protocol in list(self.connections):
             if protocol.queued_at is not None and protocol.queued_at < self.ticks - 1:
                 protocol.dequeue()
