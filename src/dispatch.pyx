@@ -19,7 +19,7 @@ request answered yet (its queue), and since when it has been inside a
 request's callbacks, if it is.  The primary reads them directly, so none of
 this costs a message or a wake-up.  A worker whose queue holds `queue_depth`
 connections gets no more, and neither does one that has been inside one
-request for over a millisecond (it is busy with slow work): new connections
+request for over 300 microseconds (it is busy with slow work): new connections
 wait in the listener's backlog, one queue for all workers, and go to the
 first worker that catches up.  A request stuck behind a slow one in a
 worker's queue is what makes tail latency; a shared queue keeps that short.
@@ -59,7 +59,7 @@ cdef enum:
     # with slow work: serving a plain request takes tens of microseconds.
     STUCK_MICROSECONDS = 300
     # While some worker is stuck, the others may hold this many times
-    # --queue-depth unread: they take the load in bigger batches.
+    # --queue-depth unanswered: they take the load in bigger batches.
     STUCK_DEPTH_FACTOR = 4
     LOAD_PAGE_SIZE = 4096
 
