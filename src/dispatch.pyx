@@ -427,16 +427,23 @@ cdef class Dispatcher:
     # The supervisor's side: workers come and go.
 
     def attach(self, int slot, int channel_fd, int load_fd):
-        """Attach a new worker: its channel (owned from now on) and its load page.
+        """Attach a new worker: its channel and its load page.
 
-        The slot gets connections once the worker reports ready.
+        The channel is owned from now on, unless this raises.  The slot gets
+        connections once the worker reports ready.
         """
         cdef Slot *s = self._slot(slot)
+        cdef LoadPage *page
         if s.channel >= 0:
             raise ValueError(f"slot {slot} already has a worker")
-        s.page = map_load_page(load_fd)
+        page = map_load_page(load_fd)
+        try:
+            self._watch(channel_fd, <uint64_t>slot, EPOLLIN)
+        except BaseException:
+            munmap(page, LOAD_PAGE_SIZE)
+            raise
+        s.page = page
         s.channel = channel_fd
-        self._watch(channel_fd, <uint64_t>slot, EPOLLIN)
         s.state = SLOT_STARTING
         s.full_until = 0
         s.starved = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -12,7 +13,6 @@ from pyworker import __version__
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
     return subprocess.run([CYDISPATCH, *args], capture_output=True, text=True,
                           timeout=60, env={**os.environ, **(env or {})})
 
@@ -87,6 +87,7 @@ def test_host_that_is_not_ours():
     (["--policy", "random"], "argument --policy: invalid choice: 'random'"),
     (["--graceful-timeout", "-1"], "must not be negative"),
     (["--max-conns", "0"], "must be at least 1"),
+    (["--queue-depth", "0"], "argument --queue-depth: must be at least 1, not 0, or auto"),
     (["--timeout", "1"], "--timeout must be 0 (off) or at least 2 seconds"),
     (["--timeout", "soon"], "argument --timeout: 'soon' is not a number of seconds"),
     (["--max-requests", "-5"], "argument --max-requests: must not be negative, not -5"),
@@ -109,4 +110,13 @@ def test_bad_environment_variable():
 
 def test_environment_variable_configures(start_server):
     server = start_server(workers=1, env={"CYDISPATCH_POLICY": "round-robin"})
-    assert server.find(r"\(dispatch, round-robin, 1 workers")
+    assert server.find(r"\(dispatch, round-robin, queue depth 2, 1 workers")
+
+
+def test_queue_depth_auto_follows_the_workers_sharing_a_cpu(start_server):
+    cpus = len(os.sched_getaffinity(0))
+    server = start_server(workers=cpus + 1)
+    # Some CPU has two workers: each gets twice the depth of a lone one.
+    assert server.find(rf"queue depth 4, {cpus + 1} workers")
+    server = start_server("--queue-depth", "5", workers=1)
+    assert server.find(r"queue depth 5, 1 workers")

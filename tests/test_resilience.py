@@ -18,7 +18,7 @@ import pytest
 from http_client import get
 from load_client import LoadClient, failures, summary
 from observe import alive, processes_in_group
-from pyworker.bench.server import ServerFailed
+from pyworker.bench.server import STARTED, ServerFailed
 from waiting import DEADLINE, wait_until
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -297,3 +297,38 @@ def test_max_requests_replaces_workers_without_failing_a_request(start_server):
     assert recycled & set(first)
     # Replacements sit on the CPUs their predecessors had.
     assert set(server.started_workers().values()) == set(first.values())
+
+
+# The primary out of descriptors when it starts a worker
+
+def test_a_worker_that_cannot_be_started_is_retried_and_service_goes_on(start_server):
+    # 16 descriptors: the primary's own, plus one channel per worker, plus
+    # three while it starts one; a worker needs about 15 of its own.
+    server = start_server(workers=1, wrapper=("prlimit", "--nofile=16:16"))
+    cannot = r"Cannot start a worker: Too many open files; trying again in [\d.]+ s"
+    for added in range(2, 12):
+        server.proc.send_signal(signal.SIGTTIN)
+        server.wait_for_log(rf"Adding a worker: {added} now")
+        wait_until(lambda count=added: server.find(cannot)
+                   or len(server.find(STARTED)) >= count,
+                   message="the new worker to start or fail")
+        if server.find(cannot):
+            break
+    else:
+        pytest.fail("16 descriptors never ran out")
+    # It tries again, later each time, and meanwhile the others serve.
+    server.wait_for_log(cannot, count=3)
+    assert get(server.host, server.port).status == 200
+    assert server.proc.poll() is None
+    # Fewer workers free descriptors; then a new one starts.
+    workers = len(server.worker_pids())
+    for removed in range(1, 5):
+        # One at a time: signals sent together are delivered once.
+        server.proc.send_signal(signal.SIGTTOU)
+        server.wait_for_log(rf"Removing a worker: {added - removed} now")
+    wait_until(lambda: len(server.worker_pids()) == workers - 3,
+               message="three workers to retire")
+    started = len(server.find(STARTED))
+    server.proc.send_signal(signal.SIGTTIN)
+    server.wait_for_log(STARTED, count=started + 1)
+    assert get(server.host, server.port).status == 200

@@ -49,6 +49,16 @@ def whole_number(text: str) -> int:
     return value
 
 
+def depth(text: str) -> int:
+    """--queue-depth: a whole number >= 1, or `auto` (0)."""
+    if text == "auto":
+        return 0
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or auto") from None
+
+
 def port_number(text: str) -> int:
     try:
         value = int(text)
@@ -144,13 +154,14 @@ def build_parser() -> CliParser:
                        help="connections per worker in dispatch mode; when "
                             "every worker is full, new ones wait in the "
                             "backlog (default: %(default)s)")
-    serve.add_argument("--queue-depth", type=positive_int,
-                       default=env_default("queue_depth", defaults.queue_depth),
+    serve.add_argument("--queue-depth", type=depth,
+                       default=env_default("queue_depth", "auto"),
                        metavar="N",
                        help="connections a worker may hold unanswered in "
                             "dispatch mode; beyond that, new ones wait in the "
                             "backlog for the first worker to catch up; higher "
-                            "gives more throughput, lower a shorter tail "
+                            "gives more throughput, lower a shorter tail; auto: "
+                            "2, times the workers sharing each CPU "
                             "(default: %(default)s)")
     serve.add_argument("--graceful-timeout", type=seconds,
                        default=env_default("graceful_timeout",

@@ -35,7 +35,7 @@ class Settings:
     pin: bool = True
     backlog: int = 2048
     max_conns: int = 1024
-    queue_depth: int = 2
+    queue_depth: int = 0            # 0: auto, see auto_queue_depth
     graceful_timeout: float = 30.0
     keepalive_timeout: float = 5.0
     timeout: float = 30.0           # watchdog: a worker silent this long is killed
@@ -56,8 +56,8 @@ class Settings:
             raise ValueError("--backlog must be at least 1")
         if self.max_conns < 1:
             raise ValueError("--max-conns must be at least 1")
-        if self.queue_depth < 1:
-            raise ValueError("--queue-depth must be at least 1")
+        if self.queue_depth < 0:
+            raise ValueError("--queue-depth must be auto or at least 1")
         if self.graceful_timeout < 0:
             raise ValueError("--graceful-timeout must not be negative")
         if self.keepalive_timeout <= 0:
@@ -81,6 +81,17 @@ class Settings:
 
     def replace(self, **changes) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def auto_queue_depth(workers: int, cpus: int) -> int:
+    """The queue depth when --queue-depth is auto: 2 per worker sharing a CPU.
+
+    With a CPU each, 2 keeps the tail short under uneven work (measured in
+    bench/RESULTS.md).  Workers that take turns on a CPU catch up only on
+    their turn, and each small batch costs a round of context switches on
+    that CPU: they get proportionally more at a time.
+    """
+    return 2 * -(-workers // max(cpus, 1))
 
 
 def env_default(name: str, fallback):

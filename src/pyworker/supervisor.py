@@ -27,7 +27,7 @@ import time
 
 from pyworker._dispatch import Dispatcher, Event
 from pyworker.listener import bind, format_address
-from pyworker.settings import Settings, available_cpus
+from pyworker.settings import Settings, auto_queue_depth, available_cpus
 from pyworker.spec import WORKER_BOOT_ERROR, WorkerSpec
 
 log = logging.getLogger("cydispatch.primary")
@@ -181,12 +181,14 @@ class Arbiter:
         self.open_listener()
         self.install_signals()
         listen_fd = self.listener.detach() if settings.mode == "dispatch" else -1
+        depth = settings.queue_depth or auto_queue_depth(settings.workers,
+                                                          len(self.cpus))
         self.dispatcher = Dispatcher(listen_fd, self.wake_r, settings.policy,
-                                     settings.max_conns, settings.queue_depth)
+                                     settings.max_conns, depth)
         self.yield_to_workers()
         how = settings.mode
         if settings.mode == "dispatch":
-            how += ", " + settings.policy
+            how += f", {settings.policy}, queue depth {depth}"
         log.info("Primary %d is running (%s, %d workers, %s)", os.getpid(), how,
                  settings.workers, self.address)
         for index in range(settings.workers):
@@ -265,9 +267,25 @@ class Arbiter:
         now = time.monotonic()
         for slot in self.slots:
             if slot.worker is None and slot.start_at <= now:
-                slot.worker = self.spawn(slot)
-                if slot in self.replacements:
+                slot.worker = self.try_spawn(slot)
+                if slot.worker is not None and slot in self.replacements:
                     self.replacements.remove(slot)  # a new worker already
+
+    def try_spawn(self, slot: WorkerSlot) -> WorkerProcess | None:
+        """spawn(), or None after logging why not and setting when to try again.
+
+        The primary may be out of descriptors, memory or processes for a
+        while; the service it runs goes on with the workers it has.
+        """
+        try:
+            return self.spawn(slot)
+        except OSError as exc:
+            slot.deaths += 1
+            delay = max(backoff(slot.deaths), RESPAWN_BACKOFF_FIRST)
+            log.error("Cannot start a worker: %s; trying again in %.1f s",
+                      exc.strerror or exc, delay)
+            slot.start_at = time.monotonic() + delay
+            return None
 
     def free_channel(self) -> int:
         channel = 0
@@ -287,7 +305,12 @@ class Arbiter:
             listen_fd = self.listener.fileno() if settings.mode == "shared" else -1
             spec = WorkerSpec(settings, slot.index, slot.cpu,
                               worker_end.fileno(), load_fd, listen_fd)
-            self.dispatcher.attach(channel, primary_end.detach(), load_fd)
+            channel_fd = primary_end.detach()
+            try:
+                self.dispatcher.attach(channel, channel_fd, load_fd)
+            except BaseException:
+                os.close(channel_fd)    # not the dispatcher's yet
+                raise
             # Everything is close-on-exec; these few are for this child only.
             inherited = [worker_end.fileno(), load_fd]
             if listen_fd >= 0:
@@ -430,7 +453,7 @@ class Arbiter:
         if slot.worker is None or not slot.worker.ready:
             return  # a new worker is starting there anyway
         if slot.start_at <= time.monotonic():
-            slot.successor = self.spawn(slot)
+            slot.successor = self.try_spawn(slot)
 
     def handle_hup(self) -> None:
         if self.stopping:
