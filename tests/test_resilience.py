@@ -277,8 +277,11 @@ def test_a_worker_that_keeps_dying_is_restarted_later_and_later(start_server):
 
 # Recycling
 
-def test_max_requests_replaces_workers_without_failing_a_request(start_server):
-    server = start_server("--max-requests", "40", "--max-requests-jitter", "10")
+@pytest.mark.parametrize("mode", ["dispatch", "shared"])
+def test_max_requests_replaces_workers_without_failing_a_request(start_server, mode):
+    # (reuseport recycles the same way, and loses what a reload loses there.)
+    server = start_server("--mode", mode, "--max-requests", "40",
+                          "--max-requests-jitter", "10")
     first = server.started_workers()
     with LoadClient(server.host, server.port) as load:
         server.wait_for_log(r"Worker \d+ served \d+ requests; asking to be replaced")
