@@ -334,6 +334,7 @@ cdef class Dispatcher:
         int pause_errno
         uint32_t accept_events  # EVENT_ACCEPT_* not yet returned to Python
         bint has_events
+        bint any_stuck          # some worker is stuck (see _observe_busy)
         uint64_t accepted_total
         uint64_t redispatched_total
         mmsghdr report_headers[MAX_REPORTS_PER_READ]
@@ -451,6 +452,7 @@ cdef class Dispatcher:
         s.stop_pending = False
         s.events = 0
         s.recycle_asked = False
+        s.stuck = False
         s.last_heard = monotonic()
         s.handed_total = 0
         s.orphaned = 0
@@ -598,6 +600,8 @@ cdef class Dispatcher:
     cdef int _settle(self) except -1:
         """Re-dispatch orphans, then one sendmsg per worker with a batch."""
         cdef int i, target
+        if self.orphans.count:
+            self._observe_busy()
         while self.orphans.count:
             target = self._pick()
             if target < 0:
@@ -618,32 +622,13 @@ cdef class Dispatcher:
         yet, then by those they hold: a worker busy with a slow request
         answers nothing, so its count stays up while a healthy worker's falls
         back to zero within one turn of its loop.  With nothing unanswered
-        (keep-alive traffic) this is plain least connections.
+        (keep-alive traffic) this is plain least connections.  Workers that
+        _observe_busy last marked stuck get nothing.
         """
         cdef int best = -1, i, k
-        cdef uint32_t load, in_flight, unread, depth, since, now = 0
+        cdef uint32_t load, in_flight, unread, depth
         cdef uint64_t rank, best_rank = 0xFFFFFFFFFFFFFFFF
-        cdef bint any_stuck = False
         cdef Slot *s
-        # A worker that has been in one request for a while is busy with slow
-        # work, and whatever it is handed waits for that: it gets nothing
-        # (it nudges when it leaves the request, see WorkerChannel.end), and
-        # meanwhile the others may queue more, so that they take the load in
-        # fewer, bigger batches.
-        for i in range(self.nslots):
-            s = &self.slots[i]
-            s.stuck = False
-            if s.state != SLOT_ACTIVE:
-                continue
-            since = atomic_load_u32(&s.page.busy_since)
-            if since:
-                if not now:
-                    now = clock_us()
-                # Unsigned difference: wraps correctly; a stamp a hair newer
-                # than `now` gives a huge value, read as not stuck.
-                if STUCK_MICROSECONDS < now - since < 0x80000000:
-                    s.stuck = True
-                    any_stuck = True
         for k in range(self.nslots):
             i = self.next_slot + k
             if i >= self.nslots:
@@ -658,7 +643,7 @@ cdef class Dispatcher:
                 if s.stuck:
                     continue
                 depth = self.queue_depth
-                if any_stuck:
+                if self.any_stuck:
                     depth *= STUCK_DEPTH_FACTOR
                 if unread >= depth:
                     continue    # it has not caught up: keep this in the backlog
@@ -676,6 +661,36 @@ cdef class Dispatcher:
                 best_rank = rank
         return best
 
+    cdef void _observe_busy(self) noexcept:
+        """Mark the workers stuck in a slow request, for the picks that follow.
+
+        A worker that has been in one request for a while is busy with slow
+        work, and whatever it is handed waits for that: _pick gives it nothing
+        (it nudges when it leaves the request, see WorkerChannel.end), and
+        meanwhile the others may queue more, so that they take the load in
+        fewer, bigger batches.  Looked at once per batch of picks, not per
+        connection: within one wake-up it does not change in a way that
+        matters.
+        """
+        cdef uint32_t since, now = 0
+        cdef int i
+        cdef Slot *s
+        self.any_stuck = False
+        for i in range(self.nslots):
+            s = &self.slots[i]
+            s.stuck = False
+            if s.state != SLOT_ACTIVE:
+                continue
+            since = atomic_load_u32(&s.page.busy_since)
+            if since:
+                if not now:
+                    now = clock_us()
+                # Unsigned difference: wraps correctly; a stamp a hair newer
+                # than `now` gives a huge value, read as not stuck.
+                if STUCK_MICROSECONDS < now - since < 0x80000000:
+                    s.stuck = True
+                    self.any_stuck = True
+
     cdef inline int _assign(self, int i, int fd) except -1:
         cdef Slot *s = &self.slots[i]
         s.batch[s.batch_len] = fd
@@ -687,6 +702,7 @@ cdef class Dispatcher:
 
     cdef int _accept_connections(self, int limit) except -1:
         cdef int accepted = 0, fd, target, err
+        self._observe_busy()
         while accepted < limit:
             target = self._pick()
             if target < 0:
@@ -732,18 +748,21 @@ cdef class Dispatcher:
 
     cdef int _arm_listener(self) except -1:
         """Watch the listener only while some worker can take a connection."""
-        cdef bint want = (self.listen_fd >= 0 and self.resume_accept_at == 0
-                          and self._pick() >= 0)
+        cdef bint want = False
         cdef epoll_event event
         cdef int i
-        if not want and self.listen_fd >= 0 and self.resume_accept_at == 0:
-            # Ask every worker to say when it has room, then look once more:
-            # a worker that made room in between is seen here, any later one
-            # sends the nudge (see LoadPage).
-            for i in range(self.nslots):
-                if self.slots[i].state == SLOT_ACTIVE:
-                    atomic_store_u32(&self.slots[i].page.nudge, 1)
+        if self.listen_fd >= 0 and self.resume_accept_at == 0:
+            self._observe_busy()
             want = self._pick() >= 0
+            if not want:
+                # Ask every worker to say when it has room, then look once
+                # more: a worker that made room in between is seen here, any
+                # later one sends the nudge (see LoadPage).
+                for i in range(self.nslots):
+                    if self.slots[i].state == SLOT_ACTIVE:
+                        atomic_store_u32(&self.slots[i].page.nudge, 1)
+                self._observe_busy()
+                want = self._pick() >= 0
         if want != self.listener_armed:
             event.events = EPOLLIN if want else 0
             event.data.u64 = TAG_LISTENER
