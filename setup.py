@@ -1,14 +1,14 @@
 """Declares the one compiled module: the primary's accept loop and the fd handoff.
 
 Everything else lives in pyproject.toml. The module is built from src/dispatch.pyx
-into the package namespace as pyworker._dispatch.
+into the package namespace as cydispatch._dispatch.
 """
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
     Extension(
-        "pyworker._dispatch",
+        "cydispatch._dispatch",
         ["src/dispatch.pyx"],
         include_dirs=["src"],
         extra_compile_args=["-O2"],

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from observe import children_of
-from pyworker.bench.server import STARTED, CydispatchServer
+from cydispatch.bench.server import STARTED, CydispatchServer
 
 # The command installed next to this Python (a virtualenv), else on PATH.
 CYDISPATCH = (shutil.which("cydispatch", path=os.path.dirname(sys.executable))

@@ -1,4 +1,4 @@
-"""The bare reference server (pyworker.bench.bare), run as the benchmark runs it.
+"""The bare reference server (cydispatch.bench.bare), run as the benchmark runs it.
 
 It is started through the benchmark's own BareServer, so these tests also
 hold the two to one contract: the ready line, port 0, the hello body.
@@ -15,7 +15,7 @@ import pytest
 
 from http_client import Connection
 from observe import distinct_workers_answer, processes_in_group
-from pyworker.bench.server import BareServer
+from cydispatch.bench.server import BareServer
 from waiting import DEADLINE, wait_until
 
 
@@ -77,7 +77,7 @@ def test_a_dead_worker_stops_the_server(bare_server):
 @pytest.mark.parametrize("args", [["--workers", "0"], ["--port", "x"], ["--nonsense"]])
 def test_bad_arguments_are_one_line_and_exit_2(args):
     completed = subprocess.run(
-        [sys.executable, "-m", "pyworker.bench.bare", *args], capture_output=True,
+        [sys.executable, "-m", "cydispatch.bench.bare", *args], capture_output=True,
         text=True, timeout=DEADLINE)
     assert completed.returncode == 2
     assert len(completed.stderr.splitlines()) == 1, completed.stderr

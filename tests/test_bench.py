@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from conftest import CYDISPATCH
-from pyworker.bench import report
-from pyworker.bench.runner import MODES, WORKLOADS
+from cydispatch.bench import report
+from cydispatch.bench.runner import MODES, WORKLOADS
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
                                reason="wrk is not installed (apt-get install -y wrk)")

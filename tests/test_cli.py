@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import CYDISPATCH
-from pyworker import __version__
+from cydispatch import __version__
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from pyworker._dispatch import Dispatcher, WorkerChannel, WorkerState, send_fds
+from cydispatch._dispatch import Dispatcher, WorkerChannel, WorkerState, send_fds
 from waiting import wait_until
 
 

@@ -18,9 +18,9 @@ import socket
 
 import pytest
 
-from pyworker._dispatch import WorkerChannel, send_fds
+from cydispatch._dispatch import WorkerChannel, send_fds
 from pyworker.app import HelloApp
-from pyworker.bench import bare
+from cydispatch.bench import bare
 from pyworker.http import HttpProtocol, Responses
 
 pytestmark = pytest.mark.microbench

@@ -18,7 +18,7 @@ import pytest
 from http_client import get
 from load_client import LoadClient, failures, summary
 from observe import alive, processes_in_group
-from pyworker.bench.server import STARTED, ServerFailed
+from cydispatch.bench.server import STARTED, ServerFailed
 from waiting import DEADLINE, wait_until
 
 CPUS = sorted(os.sched_getaffinity(0))

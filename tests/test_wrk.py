@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from pyworker.bench import wrk
+from cydispatch.bench import wrk
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
                                reason="wrk is not installed (apt-get install -y wrk)")

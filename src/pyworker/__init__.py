@@ -1,6 +1,5 @@
-"""cydispatch: one primary accepts connections and hands them to CPU-pinned workers.
+"""The worker process of cydispatch: the worker, its HTTP protocol and the apps it serves.
 
-The package is named for its workers; the command is `cydispatch`.
+The primary, the command line and everything else of the product live in the
+`cydispatch` package; this one is what runs inside each worker.
 """
-
-__version__ = "0.1.0"

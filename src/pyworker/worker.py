@@ -27,12 +27,12 @@ import time
 
 import uvloop
 
-from pyworker import logs
-from pyworker._dispatch import WorkerChannel, WorkerState
+from cydispatch import logs
+from cydispatch._dispatch import WorkerChannel, WorkerState
 from pyworker.app import HelloApp
 from pyworker.http import HttpProtocol, Responses
-from pyworker.listener import ListenError, bind, resolve
-from pyworker.spec import WORKER_BOOT_ERROR, WorkerSpec
+from cydispatch.listener import ListenError, bind, resolve
+from cydispatch.spec import WORKER_BOOT_ERROR, WorkerSpec
 
 log = logging.getLogger("cydispatch.worker")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from pyworker.settings import Settings
+from cydispatch.settings import Settings
 
 # Exit code of a worker that could not start, and of the primary when no
 # worker can (as gunicorn's).

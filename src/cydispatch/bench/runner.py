@@ -19,8 +19,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pyworker.bench import report, wrk
-from pyworker.bench.server import BareServer, CydispatchServer, ServerProcess
+from cydispatch.bench import report, wrk
+from cydispatch.bench.server import BareServer, CydispatchServer, ServerProcess
 
 BASELINE = "reuseport"
 # Mode name -> `cydispatch serve` arguments; "bare" is the reference server for

@@ -127,7 +127,7 @@ class ServerProcess:
 
 
 # The command, as this Python runs it; tests pass the installed console script.
-CYDISPATCH = (sys.executable, "-m", "pyworker.cli")
+CYDISPATCH = (sys.executable, "-m", "cydispatch.cli")
 
 
 class CydispatchServer(ServerProcess):
@@ -150,11 +150,11 @@ class CydispatchServer(ServerProcess):
 
 
 class BareServer(ServerProcess):
-    """The bare uvloop + httptools reference server (pyworker.bench.bare)."""
+    """The bare uvloop + httptools reference server (cydispatch.bench.bare)."""
 
     def __init__(self, workers: int = 2, env: dict | None = None,
                  wrapper: tuple[str, ...] = ()) -> None:
-        argv = [*wrapper, sys.executable, "-m", "pyworker.bench.bare", "--port", "0",
+        argv = [*wrapper, sys.executable, "-m", "cydispatch.bench.bare", "--port", "0",
                 "--workers", str(workers)]
         super().__init__(argv, env)
         self.workers = workers

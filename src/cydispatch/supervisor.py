@@ -25,10 +25,10 @@ import socket
 import sys
 import time
 
-from pyworker._dispatch import Dispatcher, Event
-from pyworker.listener import bind, format_address
-from pyworker.settings import Settings, auto_queue_depth, available_cpus
-from pyworker.spec import WORKER_BOOT_ERROR, WorkerSpec
+from cydispatch._dispatch import Dispatcher, Event
+from cydispatch.listener import bind, format_address
+from cydispatch.settings import Settings, auto_queue_depth, available_cpus
+from cydispatch.spec import WORKER_BOOT_ERROR, WorkerSpec
 
 log = logging.getLogger("cydispatch.primary")
 

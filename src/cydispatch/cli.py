@@ -12,11 +12,11 @@ import argparse
 import os
 import sys
 
-from pyworker import __version__, logs
-from pyworker.bench.runner import MODES as BENCH_MODES
-from pyworker.bench.runner import WORKLOADS as BENCH_WORKLOADS
-from pyworker.listener import ListenError
-from pyworker.settings import LOG_LEVELS, MODES, POLICIES, Settings, env_default
+from cydispatch import __version__, logs
+from cydispatch.bench.runner import MODES as BENCH_MODES
+from cydispatch.bench.runner import WORKLOADS as BENCH_WORKLOADS
+from cydispatch.listener import ListenError
+from cydispatch.settings import LOG_LEVELS, MODES, POLICIES, Settings, env_default
 
 USAGE_ERROR = 2
 STARTUP_ERROR = 1
@@ -233,7 +233,7 @@ def build_parser() -> CliParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from pyworker.supervisor import Arbiter
+    from cydispatch.supervisor import Arbiter
 
     try:
         settings = Settings(
@@ -262,8 +262,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import pathlib
     import shutil
 
-    from pyworker.bench import runner, wrk
-    from pyworker.bench.server import ServerFailed
+    from cydispatch.bench import runner, wrk
+    from cydispatch.bench.server import ServerFailed
 
     if shutil.which("wrk") is None:
         print(f"cydispatch: error: {wrk.INSTALL_HINT}", file=sys.stderr)

@@ -8,7 +8,7 @@ the two measures the worker's HTTP layer and app.  It answers every request
 with `Hello from Worker <pid>`, as the built-in app does, and has no routing,
 no limits and no supervision: a worker that dies stops the whole server.
 
-    python -m pyworker.bench.bare --host H --port P --workers N [--no-pin]
+    python -m cydispatch.bench.bare --host H --port P --workers N [--no-pin]
 
 Once every worker listens it prints `bare server ready http://H:P (N workers)`
 on stderr; SIGTERM or SIGINT stops it with exit 0.
@@ -154,7 +154,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m pyworker.bench.bare",
+    parser = ArgumentParser(prog="python -m cydispatch.bench.bare",
                             description=__doc__.partition("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
