@@ -70,10 +70,21 @@ class Connection:
                 break
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        if not head and headers.get("transfer-encoding") == "chunked":
+            return Response(int(status), headers, self.read_chunked())
         length = 0 if head else int(headers.get("content-length", 0))
         body = self.stream.read(length)
         assert len(body) == length, "truncated body"
         return Response(int(status), headers, body)
+
+    def read_chunked(self) -> bytes:
+        body = b""
+        while size := int(self.stream.readline().split(b";")[0], 16):
+            chunk = self.stream.read(size)
+            assert len(chunk) == size and self.stream.readline() == b"\r\n", "truncated chunk"
+            body += chunk
+        assert self.stream.readline() == b"\r\n", "no end after the last chunk"
+        return body
 
     def closed_by_server(self) -> bool:
         """True once the server has closed its side (reads EOF)."""

@@ -37,7 +37,10 @@ def test_help_lists_every_option():
     for option in ("--host", "--port", "--workers", "--mode", "--policy", "--no-pin",
                    "--backlog", "--max-conns", "--graceful-timeout", "--log-level",
                    "--queue-depth", "--keepalive-timeout", "--timeout", "--max-requests",
-                   "--max-requests-jitter",
+                   "--max-requests-jitter", "APP", "--app-dir", "--factory", "--interface",
+                   "--lifespan", "--root-path", "--proxy-headers", "--no-proxy-headers",
+                   "--forwarded-allow-ips", "--header-timeout", "--threads", "--access-log",
+                   "--ws-max-size",
                    "dispatch", "reuseport", "shared", "least-conn", "round-robin"):
         assert option in result.stdout
 
@@ -88,7 +91,7 @@ def test_host_that_is_not_ours():
     (["--graceful-timeout", "-1"], "must not be negative"),
     (["--max-conns", "0"], "must be at least 1"),
     (["--queue-depth", "0"], "argument --queue-depth: must be at least 1, not 0, or auto"),
-    (["--timeout", "1"], "--timeout must be 0 (off) or at least 2 seconds"),
+    (["--timeout", "1"], "argument --timeout: must be 0 (off) or at least 2 seconds"),
     (["--timeout", "soon"], "argument --timeout: 'soon' is not a number of seconds"),
     (["--max-requests", "-5"], "argument --max-requests: must not be negative, not -5"),
     (["--max-requests-jitter", "x"], "'x' is not a whole number"),
@@ -105,7 +108,9 @@ def test_bad_environment_variable():
     assert result.returncode == 2
     assert_one_line_error(result, "must be at least 1")
     result = run("serve", env={"CYDISPATCH_MODE": "magic"})
-    assert_one_line_error(result, "--mode must be one of dispatch, reuseport, shared")
+    assert_one_line_error(result, "--mode must be one of dispatch, reuseport, shared, not 'magic'")
+    result = run("serve", env={"CYDISPATCH_NO_PIN": "maybe"})
+    assert_one_line_error(result, "CYDISPATCH_NO_PIN: 'maybe' is not one of")
 
 
 def test_environment_variable_configures(start_server):

@@ -9,6 +9,7 @@ address that cannot be listened on is one line and exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -16,7 +17,8 @@ from cydispatch import __version__, logs
 from cydispatch.bench.runner import MODES as BENCH_MODES
 from cydispatch.bench.runner import WORKLOADS as BENCH_WORKLOADS
 from cydispatch.listener import ListenError
-from cydispatch.settings import LOG_LEVELS, MODES, POLICIES, Settings, env_default
+from cydispatch import settings as settings_module
+from cydispatch.settings import ENV_PREFIX, Settings, env_name, flag_name
 
 USAGE_ERROR = 2
 STARTUP_ERROR = 1
@@ -29,52 +31,20 @@ class CliParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def at_least(minimum: int):
-    """An argparse type: a whole number no smaller than `minimum`."""
-    def whole_number(text: str) -> int:
+def argument_type(parse, check=settings_module.nothing_to_check):
+    """An argparse type from a converter and a check (see settings.option)."""
+    def convert(text: str):
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            bound = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
-            raise argparse.ArgumentTypeError(f"{bound}, not {value}")
+            value = parse(text)
+            check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
         return value
-    return whole_number
+    convert.__name__ = parse.__name__
+    return convert
 
 
-positive_int = at_least(1)
-whole_number = at_least(0)
-
-
-def depth(text: str) -> int:
-    """--queue-depth: a whole number >= 1, or `auto` (0)."""
-    if text == "auto":
-        return 0
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc}, or auto") from None
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, not {value}")
-    return value
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
-    return value
+positive_int = argument_type(settings_module.whole_number, settings_module.at_least(1))
 
 
 def cpu_list(text: str) -> tuple[int, ...]:
@@ -92,8 +62,64 @@ def cpu_list(text: str) -> tuple[int, ...]:
     return cpus
 
 
-def env_flag(name: str) -> bool:
-    return str(env_default(name, "")).lower() in ("1", "true", "yes", "on")
+def add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """One argument per Settings field, from its declaration.
+
+    Defaults stay None here so that run_serve can tell a flag given on the
+    command line (it wins) from one left to the environment or the default.
+    """
+    defaults = Settings()
+    for field in dataclasses.fields(Settings):
+        meta = field.metadata
+        default = getattr(defaults, field.name)
+        help_text = meta["help"]
+        if field.type == "bool" or isinstance(default, bool):
+            parser.add_argument(flag_name(field), dest=field.name,
+                                action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {'on' if default else 'off'})")
+            continue
+        kwargs = dict(dest=field.name, type=argument_type(meta["parse"], meta["check"]),
+                      metavar=meta["metavar"], default=None)
+        if meta["choices"]:
+            kwargs.update(choices=meta["choices"], metavar=None, type=str)
+        shown = "auto" if field.name == "queue_depth" and default == 0 else default
+        if not meta["help"].endswith(")") and shown != "":
+            help_text += f" (default: {shown})"
+        if meta["positional"]:
+            del kwargs["dest"]
+            parser.add_argument(field.name, nargs="?", help=help_text, **kwargs)
+        else:
+            parser.add_argument(flag_name(field), help=help_text, **kwargs)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the command line, then CYDISPATCH_* variables, then defaults.
+
+    Raises ValueError with a one-line message naming the flag or the variable.
+    """
+    values = {}
+    for field in dataclasses.fields(Settings):
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = given
+            continue
+        name = env_name(field)
+        text = os.environ.get(name)
+        negated = os.environ.get(ENV_PREFIX + "NO_" + field.name.upper())
+        if isinstance(field.default, bool) and text is None and negated is not None:
+            name, text, invert = ENV_PREFIX + "NO_" + field.name.upper(), negated, True
+        else:
+            invert = False
+        if text is None:
+            continue
+        parse = settings_module.boolean if isinstance(field.default, bool) \
+            else field.metadata["parse"]
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        values[field.name] = (not value) if invert else value
+    return Settings(**values)
 
 
 def build_parser() -> CliParser:
@@ -114,88 +140,7 @@ def build_parser() -> CliParser:
                     "worker the policy picks; reuseport and shared are the "
                     "baselines the kernel balances.  Each flag can also be "
                     "set as CYDISPATCH_<FLAG>, e.g. CYDISPATCH_WORKERS=4.")
-    serve.add_argument("--host", default=env_default("host", defaults.host),
-                       metavar="HOST",
-                       help="address to listen on: a name, an IPv4 or IPv6 "
-                            "literal (default: %(default)s)")
-    serve.add_argument("--port", type=port_number,
-                       default=env_default("port", defaults.port),
-                       metavar="PORT",
-                       help="TCP port; 0 picks a free one, which the log shows "
-                            "(default: %(default)s)")
-    serve.add_argument("--workers", type=positive_int,
-                       default=env_default("workers", defaults.workers),
-                       metavar="N",
-                       help="worker processes (default: %(default)s, the CPUs "
-                            "this process may use)")
-    serve.add_argument("--mode", choices=MODES,
-                       default=env_default("mode", defaults.mode),
-                       help="dispatch: the primary accepts and hands out; "
-                            "reuseport: each worker has its own SO_REUSEPORT "
-                            "socket; shared: workers accept on one inherited "
-                            "socket (default: %(default)s)")
-    serve.add_argument("--policy", choices=POLICIES,
-                       default=env_default("policy", defaults.policy),
-                       help="how dispatch mode picks a worker for a connection "
-                            "(default: %(default)s)")
-    serve.add_argument("--no-pin", action="store_true",
-                       default=env_flag("no_pin"),
-                       help="do not pin each worker to one CPU")
-    serve.add_argument("--backlog", type=positive_int,
-                       default=env_default("backlog", defaults.backlog),
-                       metavar="N",
-                       help="listen backlog: connections the kernel queues "
-                            "(default: %(default)s)")
-    serve.add_argument("--max-conns", type=positive_int,
-                       default=env_default("max_conns", defaults.max_conns),
-                       metavar="N",
-                       help="connections per worker in dispatch mode; when "
-                            "every worker is full, new ones wait in the "
-                            "backlog (default: %(default)s)")
-    serve.add_argument("--queue-depth", type=depth,
-                       default=env_default("queue_depth", "auto"),
-                       metavar="N",
-                       help="connections a worker may hold unanswered in "
-                            "dispatch mode; beyond that, new ones wait in the "
-                            "backlog for the first worker to catch up; higher "
-                            "gives more throughput, lower a shorter tail; auto: "
-                            "2, times the workers sharing each CPU "
-                            "(default: %(default)s)")
-    serve.add_argument("--graceful-timeout", type=seconds,
-                       default=env_default("graceful_timeout",
-                                           defaults.graceful_timeout),
-                       metavar="SECONDS",
-                       help="how long a stop waits for requests in progress "
-                            "(default: %(default)s)")
-    serve.add_argument("--keepalive-timeout", type=seconds,
-                       default=env_default("keepalive_timeout",
-                                           defaults.keepalive_timeout),
-                       metavar="SECONDS",
-                       help="how long an idle keep-alive connection stays "
-                            "open (default: %(default)s)")
-    serve.add_argument("--timeout", type=seconds,
-                       default=env_default("timeout", defaults.timeout),
-                       metavar="SECONDS",
-                       help="watchdog: a worker whose event loop has not turned "
-                            "for this long (no heartbeat) is killed and replaced; "
-                            "it must exceed your longest request; 0 turns it off "
-                            "(default: %(default)s)")
-    serve.add_argument("--max-requests", type=whole_number,
-                       default=env_default("max_requests", defaults.max_requests),
-                       metavar="N",
-                       help="replace a worker, gracefully, after it has served "
-                            "about N requests (guards against leaks); 0: never "
-                            "(default: %(default)s)")
-    serve.add_argument("--max-requests-jitter", type=whole_number,
-                       default=env_default("max_requests_jitter",
-                                           defaults.max_requests_jitter),
-                       metavar="J",
-                       help="add a random 0..J to each worker's --max-requests, "
-                            "so workers are not all replaced at once "
-                            "(default: %(default)s)")
-    serve.add_argument("--log-level", choices=LOG_LEVELS,
-                       default=env_default("log_level", defaults.log_level),
-                       help="(default: %(default)s)")
+    add_settings_options(serve)
     serve.set_defaults(run=run_serve)
 
     bench = commands.add_parser(
@@ -236,18 +181,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from cydispatch.supervisor import Arbiter
 
     try:
-        settings = Settings(
-            host=args.host, port=int(args.port), workers=int(args.workers),
-            mode=args.mode, policy=args.policy, pin=not args.no_pin,
-            backlog=int(args.backlog), max_conns=int(args.max_conns),
-            queue_depth=int(args.queue_depth),
-            graceful_timeout=float(args.graceful_timeout),
-            keepalive_timeout=float(args.keepalive_timeout),
-            timeout=float(args.timeout), max_requests=int(args.max_requests),
-            max_requests_jitter=int(args.max_requests_jitter),
-            log_level=args.log_level)
+        settings = settings_from(args)
     except ValueError as exc:
-        # Values that came from CYDISPATCH_* variables are checked here.
         print(f"cydispatch: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     logs.configure(settings.log_level)

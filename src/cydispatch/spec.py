@@ -14,6 +14,10 @@ from cydispatch.settings import Settings
 # Exit code of a worker that could not start, and of the primary when no
 # worker can (as gunicorn's).
 WORKER_BOOT_ERROR = 3
+# Exit code of a worker that cannot load the application (APP), and of the
+# primary when that happens before any worker served: it stops at once
+# instead of starting worker after worker that would fail the same way.
+APP_LOAD_ERROR = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import time
 from cydispatch._dispatch import Dispatcher, Event
 from cydispatch.listener import bind, format_address
 from cydispatch.settings import Settings, auto_queue_depth, available_cpus
-from cydispatch.spec import WORKER_BOOT_ERROR, WorkerSpec
+from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
 
 log = logging.getLogger("cydispatch.primary")
 
@@ -117,6 +117,7 @@ class Arbiter:
         self.stop_deadline = 0.0
         self.killed = False
         self.exit_code = 0
+        self.served = False         # some worker has been ready
         self.listener: socket.socket | None = None
         self.dispatcher: Dispatcher | None = None
         self.address = ""
@@ -338,6 +339,7 @@ class Arbiter:
 
     def worker_ready(self, worker: WorkerProcess) -> None:
         worker.ready = True
+        self.served = True
         slot = worker.slot
         where = f"on CPU {slot.cpu}" if slot.cpu is not None else "(not pinned)"
         log.info("Worker %d started %s", worker.pid, where)
@@ -385,6 +387,12 @@ class Arbiter:
             log.info("%d connections worker %d had not taken go to other workers",
                      orphans, worker.pid)
         if self.stopping:
+            return
+        if not self.served and os.waitstatus_to_exitcode(status) == APP_LOAD_ERROR:
+            # It will not load in the next worker either (its log says why).
+            log.error("The application cannot be loaded; stopping")
+            self.exit_code = APP_LOAD_ERROR
+            self.stop(graceful=False)
             return
         if worker is slot.successor:
             self.successor_died(slot)

@@ -99,7 +99,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "server", "app", "transport", "parser", "target", "head_bytes",
         "head_seen", "in_body", "body_bytes", "closing", "close_after",
-        "last_active", "served", "queued_at", "http11",
+        "last_active", "served", "queued_at", "http11", "head_since",
     )
 
     def __init__(self, server, app, queued_at: int | None = None) -> None:
@@ -115,6 +115,8 @@ class HttpProtocol(asyncio.Protocol):
         self.closing = False
         self.close_after = server.draining  # answer one request, then close
         self.last_active = server.now
+        # When the head in progress began (0: none); a new connection owes one.
+        self.head_since = server.now
         self.served = 0
         self.http11: bool | None = None     # the client's version, read once
         # The worker's tick when this connection was handed over, until its
@@ -157,6 +159,8 @@ class HttpProtocol(asyncio.Protocol):
             self.last_active = server.now
             if not self.in_body:
                 self.head_seen += len(data)
+                if not self.head_since:
+                    self.head_since = server.now
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserCallbackError as exc:
@@ -199,6 +203,7 @@ class HttpProtocol(asyncio.Protocol):
             raise RequestRejected(431)
 
     def on_headers_complete(self) -> None:
+        self.head_since = 0
         self.in_body = True
         self.head_seen = 0
 
@@ -273,4 +278,14 @@ class HttpProtocol(asyncio.Protocol):
         self.close_after = True
         if (not self.closing and self.served and self.head_seen == 0
                 and not self.in_body):
+            self.close()
+
+    def check_timeouts(self, now: float, idle_cutoff: float, head_cutoff: float) -> None:
+        """Once a tick: close a connection idle too long, answer 408 to a head too slow."""
+        if self.closing:
+            return
+        if self.head_since and self.head_since < head_cutoff:
+            # Its request line and headers have been trickling in too long.
+            self.reject(408)
+        elif self.last_active < idle_cutoff:
             self.close()

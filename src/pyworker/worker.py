@@ -29,15 +29,20 @@ import uvloop
 
 from cydispatch import logs
 from cydispatch._dispatch import WorkerChannel, WorkerState
+from cydispatch.listener import ListenError, bind, resolve
+from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
 from pyworker.app import HelloApp
 from pyworker.http import HttpProtocol, Responses
-from cydispatch.listener import ListenError, bind, resolve
-from cydispatch.spec import WORKER_BOOT_ERROR, WorkerSpec
+from pyworker.lifespan import Lifespan, LifespanFailed
+from pyworker.loader import AppLoadError, load_app
 
 log = logging.getLogger("cydispatch.worker")
 
 # How often the worker looks at its clocks and sends the primary a heartbeat.
 TICK_SECONDS = 1.0
+# The app's lifespan shutdown gets at least this long, even after a drain
+# that used up the graceful timeout.
+LIFESPAN_SHUTDOWN_MIN = 5.0
 # Signals meant for the primary (reload, scaling) that may reach the whole
 # process group; a worker must not stop or die of them.
 PRIMARY_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
@@ -70,8 +75,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.settings = spec.settings
-        self.app = HelloApp()
-        self.connections: set[HttpProtocol] = set()
+        self.connections: set = set()
         # Dispatch mode counts a connection when its fd arrives (the channel
         # does it); the baseline modes when uvloop has accepted it.
         self.count_on_open = self.settings.mode != "dispatch"
@@ -91,6 +95,31 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.channel: WorkerChannel | None = None
         self.server: asyncio.AbstractServer | None = None
+        self.lifespan: Lifespan | None = None
+        self.wsgi_app = None
+        self.new_connection = self.serve_builtin_app()
+        if self.settings.app:
+            self.new_connection = self.serve_user_app()
+
+    def serve_builtin_app(self):
+        """A factory of protocols that serve the built-in app."""
+        app = HelloApp()
+        return lambda queued_at=None: HttpProtocol(self, app, queued_at)
+
+    def serve_user_app(self):
+        """Load APP; a factory of protocols that serve it (raises AppLoadError)."""
+        app, interface = load_app(self.settings)
+        if interface == "wsgi":
+            from pyworker.wsgi import WsgiApp
+            app = self.wsgi_app = WsgiApp(app, self.settings)
+        else:
+            self.lifespan = Lifespan(app, self.settings.lifespan)
+        from pyworker.asgi import AsgiConfig, AsgiProtocol
+        from pyworker.proxy import ProxyTrust
+        state = self.lifespan.state if self.lifespan is not None else None
+        config = AsgiConfig(app, self.settings, ProxyTrust(self.settings), state)
+        log.debug("Worker %d serves %s (%s)", os.getpid(), self.settings.app, interface)
+        return lambda queued_at=None: AsgiProtocol(self, config, queued_at)
 
     def run(self) -> int:
         spec = self.spec
@@ -103,6 +132,8 @@ class Worker:
         # Called around every request's callbacks (HttpProtocol): bound once.
         self.begin = self.channel.begin
         self.end = self.channel.end
+        if self.wsgi_app is not None:
+            self.wsgi_app.watch_load(self.begin, self.end)
         os.close(spec.load_fd)   # mapped; the fd itself is not needed
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -112,9 +143,12 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, loop.stop)
         loop.add_reader(self.channel.fileno(), self.on_channel_readable)
+        if self.lifespan is not None:
+            # Before ready: no connection reaches an app that has not started.
+            loop.run_until_complete(self.lifespan.startup())
         if self.settings.mode != "dispatch":
             self.server = loop.run_until_complete(loop.create_server(
-                self.new_protocol, sock=self.open_listener(),
+                self.new_connection, sock=self.open_listener(),
                 backlog=self.settings.backlog))
         self.channel.report(WorkerState.WORKER_READY)
         loop.call_later(TICK_SECONDS, self.tick)
@@ -123,6 +157,9 @@ class Worker:
         gc.freeze()
         try:
             loop.run_forever()
+            if self.lifespan is not None and self.draining:
+                loop.run_until_complete(self.lifespan.shutdown(
+                    max(self.drain_deadline - time.monotonic(), LIFESPAN_SHUTDOWN_MIN)))
         finally:
             self.channel.close()
         return 0
@@ -132,9 +169,6 @@ class Worker:
         if settings.mode == "shared":
             return socket.socket(fileno=self.spec.listen_fd)
         return bind(settings.host, settings.port, settings.backlog, reuseport=True)
-
-    def new_protocol(self) -> HttpProtocol:
-        return HttpProtocol(self, self.app)
 
     # The channel
 
@@ -161,7 +195,7 @@ class Worker:
             self.loop.add_reader(self.channel.fileno(), self.on_channel_readable)
 
     async def adopt(self, fd: int) -> None:
-        protocol = HttpProtocol(self, self.app, queued_at=self.ticks)
+        protocol = self.new_connection(self.ticks)
         try:
             await self.loop.connect_accepted_socket(
                 lambda: protocol, HandedConnection(fd, self.family))
@@ -230,12 +264,12 @@ class Worker:
         for protocol in list(self.connections):
             if protocol.queued_at is not None and protocol.queued_at < self.ticks - 1:
                 protocol.dequeue()
-        # last_active has a resolution of one tick: allow one more so that no
+        # The clock has a resolution of one tick: allow one more so that no
         # connection is closed before it has been idle for the full timeout.
-        cutoff = self.now - self.settings.keepalive_timeout - TICK_SECONDS
+        idle_cutoff = self.now - self.settings.keepalive_timeout - TICK_SECONDS
+        head_cutoff = self.now - self.settings.header_timeout - TICK_SECONDS
         for protocol in list(self.connections):
-            if protocol.last_active < cutoff and not protocol.closing:
-                protocol.close()
+            protocol.check_timeouts(self.now, idle_cutoff, head_cutoff)
         if self.draining and self.now >= self.drain_deadline:
             log.warning("Worker %d: graceful timeout; closing %d connections",
                         os.getpid(), len(self.connections))
@@ -251,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker = Worker(spec)
         return worker.run()
+    except AppLoadError as exc:
+        log.error("Worker %d cannot load the application: %s", os.getpid(), exc,
+                  exc_info=exc.__cause__ if exc.user_code else None)
+        return APP_LOAD_ERROR
+    except LifespanFailed as exc:
+        log.error("Worker %d cannot start: %s", os.getpid(), exc)
+        return WORKER_BOOT_ERROR
     except ListenError as exc:
         log.error("Worker %d cannot start: %s", os.getpid(), exc)
         return WORKER_BOOT_ERROR

@@ -1,0 +1,659 @@
+"""ASGI 3 over HTTP/1.1 on httptools: one AsgiProtocol per connection, one RequestCycle per request.
+
+The parser's callbacks build each request's scope; the request runs as a task
+that calls the app with the cycle's `receive` and `send`.  Both complete
+without suspending whenever nothing has to wait (the body is already here,
+the transport has room), so a small request costs one task and no other
+switch.
+
+Requests on a connection run one at a time, in order: a request that arrives
+while another runs waits in `pipeline`, and reading pauses meanwhile.  The
+request body is buffered up to BODY_HIGH_WATER, then reading pauses until the
+app takes it.  The response waits while the transport is above its high-water
+mark, so a slow reader cannot make the worker buffer a large response.
+
+Framing is decided here, not by the app: a response without Content-Length is
+sent chunked (or, to an HTTP/1.0 client, delimited by closing); a response to
+HEAD carries no body; header names and values are checked so that an app
+cannot split a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import time
+import types
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import httptools
+
+from pyworker.http import (
+    MAX_HEAD_BYTES, KEEP_ALIVE_HEADER, SERVER_HEADER, STATUS_LINES, RequestRejected,
+)
+
+log = logging.getLogger("cydispatch.worker")
+access_log = logging.getLogger("cydispatch.access")
+
+ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+# Request body buffered for the app before reading pauses.
+BODY_HIGH_WATER = 64 * 1024
+# A body the app did not read is read and dropped, so that the next request
+# on the connection can be parsed; beyond this, the connection closes instead.
+MAX_DISCARDED_BODY_BYTES = 1024 * 1024
+# Transport write buffer limits: above HIGH, send() waits until below LOW.
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
+# Response headers the server writes unless the app did.
+NO_BODY_STATUSES = frozenset((204, 304)) | frozenset(range(100, 200))
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# RFC 9110 token characters for names; values may not hold CR, LF or NUL.
+INVALID_HEADER_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+INVALID_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class ClientDisconnected(OSError):
+    """send() after the client went away (ASGI spec 2.4: an OSError subclass)."""
+
+
+def status_line(status: int) -> bytes:
+    line = STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d \r\n" % status
+    return line
+
+
+def error_response(status: int, keep_alive: bool, date_header: bytes) -> bytes:
+    body = f"{HTTPStatus(status).phrase}\n".encode()
+    return b"".join((
+        STATUS_LINES[status], SERVER_HEADER, date_header,
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
+        b"" if keep_alive else b"Connection: close\r\n", b"\r\n", body))
+
+
+@types.coroutine
+def stamped(coro, begin, end):
+    """Drive `coro` as its task would, marking the worker busy while its code runs.
+
+    The primary gives no new connection to a worker that has been inside one
+    stretch of request code for long (a CPU-bound handler blocks the loop);
+    the stamp covers each step of the app, not the time it spends waiting.
+    """
+    value = None
+    error = None
+    while True:
+        begin()
+        try:
+            if error is None:
+                yielded = coro.send(value)
+            else:
+                yielded = coro.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            end()
+        try:
+            value = yield yielded
+            error = None
+        except BaseException as exc:
+            value = None
+            error = exc
+
+
+class AsgiConfig:
+    """What every connection of a worker shares: the app and the settings it needs."""
+
+    def __init__(self, app, settings, trust, state: dict | None) -> None:
+        self.app = app
+        self.root_path = settings.root_path
+        self.root_path_bytes = settings.root_path.encode("ascii")
+        self.trust = trust
+        self.state = state
+        self.access_log = settings.access_log
+
+
+class RequestCycle:
+    """One request: its scope, its body as it arrives, and the response's state."""
+
+    __slots__ = (
+        "protocol", "scope", "body", "body_size", "body_complete", "body_delivered",
+        "discarded", "expect_continue", "waiter", "disconnected", "keep_alive",
+        "response_started", "response_complete", "status", "headers", "chunked",
+        "content_length", "sent_bytes", "head", "head_sent", "response_bytes",
+    )
+
+    def __init__(self, protocol: AsgiProtocol, scope: dict, keep_alive: bool,
+                 expect_continue: bool) -> None:
+        self.protocol = protocol
+        self.scope = scope
+        self.body: list[bytes] = []
+        self.body_size = 0          # buffered, not yet taken by the app
+        self.body_complete = False
+        self.body_delivered = False  # the app has received more_body False
+        self.discarded = 0
+        self.expect_continue = expect_continue
+        self.waiter: asyncio.Future | None = None
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.response_started = False
+        self.response_complete = False
+        self.status = 0
+        self.headers = ()
+        self.chunked = False
+        self.content_length: int | None = None
+        self.sent_bytes = 0
+        self.head = scope["method"] == "HEAD"
+        self.head_sent = False
+        self.response_bytes = 0
+
+    # Fed by the protocol
+
+    def feed_body(self, chunk: bytes) -> None:
+        if self.response_complete or self.disconnected:
+            self.discarded += len(chunk)
+            if self.discarded > MAX_DISCARDED_BODY_BYTES:
+                # The app answered without the body; reading all of a large
+                # one just to keep the connection is not worth it.
+                self.protocol.close()
+            return
+        self.body.append(chunk)
+        self.body_size += len(chunk)
+        if self.body_size > BODY_HIGH_WATER:
+            self.protocol.pause_reading()
+        self.wake()
+
+    def finish_body(self) -> None:
+        self.body_complete = True
+        self.wake()
+
+    def lose_connection(self) -> None:
+        self.disconnected = True
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self.waiter = waiter = self.protocol.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+    # The app's side
+
+    async def receive(self) -> dict:
+        if self.expect_continue:
+            self.expect_continue = False
+            if not self.response_started and not self.disconnected:
+                self.protocol.transport.write(CONTINUE_RESPONSE)
+        while not (self.disconnected or self.response_complete):
+            if self.body_size or (self.body_complete and not self.body_delivered):
+                body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+                self.body.clear()
+                self.body_size = 0
+                more_body = not self.body_complete
+                self.body_delivered = not more_body
+                if more_body:
+                    self.protocol.resume_reading()
+                return {"type": "http.request", "body": body, "more_body": more_body}
+            # Nothing to hand over: the body is on its way, or all delivered
+            # and only a disconnect (or the end of the response) is left.
+            if not self.body_complete:
+                self.protocol.resume_reading()
+            await self.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        kind = message["type"]
+        if not self.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"expected 'http.response.start', got {kind!r}")
+            self.response_started = True
+            self.status = message["status"]
+            self.headers = message.get("headers", ())
+            return
+        if kind != "http.response.body":
+            raise RuntimeError(f"expected 'http.response.body', got {kind!r}")
+        if self.response_complete:
+            raise RuntimeError("the response is complete; nothing more can be sent")
+        protocol = self.protocol
+        if self.disconnected or protocol.transport.is_closing():
+            # A failed write closes the transport at once but reports the loss
+            # only on the loop's next turn: an app that streams without ever
+            # waiting must learn of it here.
+            raise ClientDisconnected("the client has gone")
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        data = b"" if self.head_sent else self.build_head(body, more_body)
+        if self.head or self.status in NO_BODY_STATUSES:
+            pass
+        elif self.chunked:
+            if body:
+                data += b"%x\r\n%b\r\n" % (len(body), body)
+            if not more_body:
+                data += b"0\r\n\r\n"
+        elif body:
+            self.sent_bytes += len(body)
+            if self.content_length is not None and self.sent_bytes > self.content_length:
+                raise RuntimeError(f"the response body is longer than its "
+                                   f"Content-Length ({self.content_length})")
+            data = data + body if data else body
+        if data:
+            protocol.transport.write(data)
+            self.response_bytes += len(data)
+        if not more_body:
+            self.response_complete = True
+            if self.content_length is not None and not self.head \
+                    and self.sent_bytes < self.content_length \
+                    and self.status not in NO_BODY_STATUSES:
+                # The client would wait for the rest forever.
+                self.keep_alive = False
+            self.wake()     # a receive() waiting for a disconnect returns
+        elif protocol.writing_paused:
+            await protocol.drain()
+            if self.disconnected:
+                raise ClientDisconnected("the client has gone")
+
+    def build_head(self, body: bytes, more_body: bool) -> bytes:
+        """Status line and headers, written together with the first body chunk."""
+        protocol = self.protocol
+        if protocol.queued_at is not None:
+            # Off the worker's queue before the answer goes out: the client
+            # may open its next connection before this worker runs again.
+            protocol.dequeue()
+        lines = [status_line(self.status)]
+        has_server = has_date = False
+        for name, value in self.headers:
+            if INVALID_HEADER_NAME.search(name) or INVALID_HEADER_VALUE.search(value):
+                raise RuntimeError(f"invalid response header {name!r}: {value!r}")
+            lowered = name.lower()
+            if lowered == b"content-length":
+                try:
+                    self.content_length = int(value)
+                except ValueError:
+                    raise RuntimeError(f"invalid Content-Length {value!r}") from None
+            elif lowered == b"transfer-encoding":
+                continue    # framing is ours to decide
+            elif lowered == b"connection":
+                if value.lower() == b"close":
+                    self.keep_alive = False
+                continue    # written below, once
+            elif lowered == b"server":
+                has_server = True
+            elif lowered == b"date":
+                has_date = True
+            lines.append(b"%b: %b\r\n" % (name, value))
+        if not has_server:
+            lines.append(SERVER_HEADER)
+        if not has_date:
+            lines.append(protocol.server.responses.date_header)
+        if self.content_length is None and self.status not in NO_BODY_STATUSES:
+            if not more_body and (body or not self.head):
+                # For HEAD, the length the GET answer would have.
+                self.content_length = len(body)
+                lines.append(b"Content-Length: %d\r\n" % len(body))
+            elif self.head:
+                pass    # nothing follows, and its length is unknown
+            elif protocol.http11:
+                self.chunked = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.keep_alive = False     # HTTP/1.0: the end is the close
+        if protocol.close_after:
+            self.keep_alive = False
+        lines.append(KEEP_ALIVE_HEADER[protocol.http11, self.keep_alive])
+        lines.append(b"\r\n")
+        self.head_sent = True
+        return b"".join(lines)
+
+    # The request's task
+
+    async def run(self, app) -> None:
+        protocol = self.protocol
+        server = protocol.server
+        started = time.monotonic() if protocol.config.access_log else 0.0
+        try:
+            await stamped(app(self.scope, self.receive, self.send), server.begin, server.end)
+        except BaseException as exc:
+            if self.disconnected or isinstance(exc, ClientDisconnected):
+                log.debug("request ended after the client went away: %r", exc)
+            elif isinstance(exc, asyncio.CancelledError):
+                log.warning("request %s %s cancelled", self.scope["method"],
+                            self.scope["path"])
+            else:
+                log.error("exception in the application on %s %s", self.scope["method"],
+                          self.scope["path"], exc_info=exc)
+            # Whatever the app raised (SystemExit included), the worker goes on.
+            if not self.head_sent:
+                if not self.disconnected:
+                    self.answer_error(500)
+            else:
+                protocol.close()    # the response cannot be finished
+        else:
+            if not self.response_complete and not self.disconnected:
+                if not self.head_sent:
+                    log.error("the application returned without a response to %s %s",
+                              self.scope["method"], self.scope["path"])
+                    self.answer_error(500)
+                else:
+                    log.error("the application returned before completing its "
+                              "response to %s %s", self.scope["method"],
+                              self.scope["path"])
+                    protocol.close()
+        finally:
+            if self.response_complete and protocol.config.access_log:
+                self.log_access(time.monotonic() - started)
+            protocol.cycle_finished(self)
+
+    def answer_error(self, status: int) -> None:
+        self.keep_alive = False
+        self.status = status
+        self.response_complete = True
+        response = error_response(status, False, self.protocol.server.responses.date_header)
+        self.protocol.transport.write(response)
+        self.response_bytes = len(response)
+
+    def log_access(self, duration: float) -> None:
+        scope = self.scope
+        client = scope["client"]
+        query = scope["query_string"]
+        target = scope["raw_path"].decode("ascii", "replace")
+        if query:
+            target += "?" + query.decode("ascii", "replace")
+        access_log.info('%s - "%s %s HTTP/%s" %d %d %.1fms',
+                        f"{client[0]}:{client[1]}" if client else "-",
+                        scope["method"], target, scope["http_version"],
+                        self.status, self.response_bytes, duration * 1000)
+
+
+class AsgiProtocol(asyncio.Protocol):
+    """One HTTP/1.1 connection serving an ASGI app."""
+
+    def __init__(self, server, config: AsgiConfig, queued_at: int | None = None) -> None:
+        self.server = server
+        self.config = config
+        self.loop = server.loop
+        self.transport = None
+        self.parser = None
+        self.client = None
+        self.local = None
+        self.trusted_proxy = False
+        # The request being parsed, the one running, those waiting their turn.
+        self.parsing: RequestCycle | None = None
+        self.cycle: RequestCycle | None = None
+        self.pipeline: collections.deque[RequestCycle] = collections.deque()
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.head_seen = 0
+        self.head_since = server.now    # when the head in progress began; 0: none
+        self.last_active = server.now
+        self.closing = False
+        self.close_after = server.draining
+        self.reading_paused = False
+        self.writing_paused = False
+        self.drain_waiters: list[asyncio.Future] = []
+        self.served = 0
+        self.http11 = True
+        self.queued_at = queued_at
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.parser = httptools.HttpRequestParser(self)
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            self.client = (peer[0], peer[1])
+        if isinstance(local, tuple):
+            self.local = (local[0], local[1])
+        self.trusted_proxy = self.config.trust.trusts(self.client[0] if self.client else None)
+        self.server.connection_opened(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        for cycle in (self.cycle, self.parsing, *self.pipeline):
+            if cycle is not None:
+                cycle.lose_connection()
+        self.pipeline.clear()
+        self.wake_drain_waiters()
+        if self.queued_at is not None:
+            self.dequeue()
+        self.server.connection_closed(self)
+        self.parser = None
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.wake_drain_waiters()
+
+    def wake_drain_waiters(self) -> None:
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self.writing_paused and not self.closing:
+            waiter = self.loop.create_future()
+            self.drain_waiters.append(waiter)
+            await waiter
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.closing:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closing and not self.pipeline:
+            parsing = self.parsing
+            if parsing is None or parsing.body_size <= BODY_HIGH_WATER:
+                self.reading_paused = False
+                self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        server = self.server
+        server.begin()
+        try:
+            self.last_active = server.now
+            if self.parsing is None and self.head_since == 0:
+                self.head_since = server.now
+            if self.parsing is None:
+                self.head_seen += len(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__context__
+                if isinstance(cause, RequestRejected):
+                    self.reject(cause.status)
+                else:
+                    log.exception("request handling failed", exc_info=cause)
+                    self.reject(500)
+            except httptools.HttpParserUpgrade:
+                self.reject(501)    # WebSocket and h2c upgrades: not yet served
+            except httptools.HttpParserError:
+                self.reject(400)
+            else:
+                if self.parsing is None and self.head_seen > MAX_HEAD_BYTES \
+                        and not self.closing:
+                    self.reject(431)
+        finally:
+            server.end()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
+        if self.head_since == 0:
+            self.head_since = self.server.now
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise RequestRejected(431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise RequestRejected(431)
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        config = self.config
+        self.head_since = 0
+        self.head_seen = 0
+        self.http11 = http11 = parser.get_http_version() == "1.1"
+        url = self.url
+        if url[:1] == b"/":
+            raw_path, _, query = url.partition(b"?")
+        elif url == b"*":
+            raw_path, query = url, b""
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise RequestRejected(400) from None
+            raw_path, query = parsed.path or b"/", parsed.query or b""
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        headers = self.headers
+        client, scheme = self.client, "http"
+        host = None
+        if self.trusted_proxy:
+            client, scheme, host = config.trust.apply(headers, client, scheme)
+            if host is not None:
+                headers = [(n, host if n == b"host" else v) for n, v in headers]
+        expect_continue = False
+        if http11:
+            for name, value in headers:
+                if name == b"expect" and value.lower() == b"100-continue":
+                    expect_continue = True
+        scope = {
+            "type": "http",
+            "asgi": ASGI_VERSION,
+            "http_version": "1.1" if http11 else "1.0",
+            "server": self.local,
+            "client": client,
+            "scheme": scheme,
+            "method": parser.get_method().decode("ascii"),
+            "root_path": config.root_path,
+            "path": config.root_path + path,
+            "raw_path": config.root_path_bytes + raw_path,
+            "query_string": query,
+            "headers": headers,
+        }
+        if config.state is not None:
+            scope["state"] = config.state.copy()
+        keep_alive = parser.should_keep_alive() and not self.close_after
+        cycle = RequestCycle(self, scope, keep_alive, expect_continue)
+        self.parsing = cycle
+        if self.cycle is None:
+            self.start(cycle)
+        else:
+            self.pipeline.append(cycle)
+            self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        self.parsing.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        parsing = self.parsing
+        if parsing is not None:
+            self.parsing = None
+            parsing.finish_body()
+
+    # Requests
+
+    def start(self, cycle: RequestCycle) -> None:
+        self.cycle = cycle
+        self.loop.create_task(cycle.run(self.config.app))
+
+    def cycle_finished(self, cycle: RequestCycle) -> None:
+        """The app is done with `cycle`: close, or go on with the next request."""
+        self.served += 1
+        self.server.requests += 1
+        self.last_active = self.server.now
+        if self.queued_at is not None:
+            self.dequeue()
+        if self.closing:
+            return
+        if not cycle.keep_alive or not cycle.response_complete:
+            self.close()
+            return
+        if not cycle.body_complete and cycle.discarded + cycle.body_size > MAX_DISCARDED_BODY_BYTES:
+            self.close()
+            return
+        # The body may still be arriving: it is read and dropped (feed_body).
+        cycle.body.clear()
+        cycle.body_size = 0
+        cycle.response_complete = True
+        self.cycle = None
+        if self.pipeline:
+            self.start(self.pipeline.popleft())
+        elif self.close_after and self.parsing is None:
+            self.close()
+            return
+        self.resume_reading()
+
+    def reject(self, status: int) -> None:
+        """Answer input that cannot be served, then close."""
+        if self.closing:
+            return
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.head_sent:
+            # The request the app may be running is void: it answers nobody.
+            if cycle is not None:
+                cycle.lose_connection()
+            self.transport.write(error_response(status, False,
+                                                self.server.responses.date_header))
+        self.close()
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+
+    # Called by the worker
+
+    def dequeue(self) -> None:
+        self.queued_at = None
+        self.server.dequeued(self)
+
+    def shutdown(self) -> None:
+        """The worker is stopping: close now if idle, else after the current response."""
+        self.close_after = True
+        if not self.closing and self.cycle is None and self.parsing is None \
+                and self.served and self.head_since == 0:
+            self.close()
+
+    def check_timeouts(self, now: float, idle_cutoff: float, head_cutoff: float) -> None:
+        if self.closing:
+            return
+        if self.head_since and self.head_since < head_cutoff and self.parsing is None:
+            # Its request line and headers have been trickling in too long.
+            self.reject(408)
+        elif self.last_active < idle_cutoff and self.head_since == 0 and (
+                (self.cycle is None and self.parsing is None)
+                or (self.parsing is not None and self.parsing.waiter is not None)):
+            # Idle between requests, or the app waits for a body that stalled.
+            self.close()

@@ -1,0 +1,106 @@
+"""A raw ASGI app whose routes each do one thing a server must cope with."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+
+
+def record(event: str) -> None:
+    path = os.environ.get("APP_EVENTS")
+    if path:
+        with open(path, "a") as events:
+            events.write(event + "\n")
+
+
+async def read_body(receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionError("client went away")
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+async def start(send, status=200, headers=()):
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain"), *headers]})
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        raise RuntimeError("no lifespan here")   # --lifespan auto: not supported
+    path = scope["path"]
+    query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p)
+    if path == "/raise-before":
+        raise RuntimeError("before the response")
+    if path == "/raise-after":
+        await start(send)
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("in the middle of the response")
+    if path == "/exit":
+        raise SystemExit(1)
+    if path == "/no-response":
+        return
+    if path == "/chunked":
+        await start(send)
+        for part in (b"one ", b"two ", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/bad-header":
+        await start(send, headers=[(b"x-injected", b"a\r\nSet-Cookie: evil=1")])
+        await send({"type": "http.response.body", "body": b"never"})
+        return
+    if path == "/sha256":
+        body = await read_body(receive)
+        await start(send)
+        await send({"type": "http.response.body",
+                    "body": b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())})
+        return
+    if path == "/ignore-body":
+        await start(send)
+        await send({"type": "http.response.body", "body": b"ignored"})
+        return
+    if path == "/wait-disconnect":
+        await read_body(receive)
+        record("waiting")
+        message = await receive()
+        record(message["type"])
+        return
+    if path == "/stream-forever":
+        await start(send)
+        sent = 0
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * 65536,
+                            "more_body": True})
+                sent += 1
+        except OSError:
+            record(f"stopped after {sent} chunks")
+            raise
+    if path == "/large-stream":
+        chunks = int(query.get("chunks", "16"))
+        await start(send, headers=[(b"content-length", b"%d" % (chunks * 65536))])
+        for _ in range(chunks):
+            await send({"type": "http.response.body", "body": b"y" * 65536, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/burn":
+        # CPU work inside the request: the event loop is blocked meanwhile.
+        record(f"burning {os.getpid()}")
+        end = time.thread_time() + float(query.get("s", "1"))
+        while time.thread_time() < end:
+            pass
+    if path == "/sleep":
+        await asyncio.sleep(float(query.get("s", "0.1")))
+    if path == "/pid":
+        await start(send)
+        await send({"type": "http.response.body", "body": b"%d" % os.getpid()})
+        return
+    await start(send)
+    await send({"type": "http.response.body", "body": path.encode()})

@@ -1,0 +1,475 @@
+"""ASGI apps served end to end: the real CLI, real sockets, a raw ASGI app and FastAPI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from http_client import Connection
+from waiting import wait_until
+
+APPS = str(Path(__file__).parent / "apps")
+
+
+def serve(start_server, app: str, *args: str, **kwargs):
+    return start_server("--app-dir", APPS, *args, app, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def edge(request):
+    """One server for the raw ASGI app, shared by this module's tests."""
+    from conftest import Server
+    events = Path(request.config.rootpath) / ".pytest-app-events"
+    events.unlink(missing_ok=True)
+    server = Server("--app-dir", APPS, "edge_asgi:app", workers=2,
+                    env={"APP_EVENTS": str(events)})
+    try:
+        server.wait_ready()
+        server.events = events
+        yield server
+    finally:
+        server.stop()
+        events.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def fastapi_server():
+    from conftest import Server
+    server = Server("--app-dir", APPS, "fastapi_app:app", workers=2)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def connect(server) -> Connection:
+    return Connection(server.host, server.port)
+
+
+def request(server, path: str, method: str = "GET", headers: dict | None = None, **kwargs):
+    with connect(server) as conn:
+        conn.request(path, method=method, headers={"Connection": "close", **(headers or {})},
+                     **kwargs)
+        return conn.response(head=method == "HEAD")
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def raw(server, data: bytes) -> bytes:
+    """Send bytes, read everything until the server closes."""
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(data)
+        try:
+            return read_until_closed(sock)
+        except ConnectionResetError:
+            return b"<reset>"
+
+
+# FastAPI
+
+def test_fastapi_json_path_and_query(fastapi_server):
+    response = request(fastapi_server, "/items/42?q=caf%C3%A9")
+    assert response.status == 200
+    assert response.headers["content-type"] == "application/json"
+    assert json.loads(response.body) == {"item_id": 42, "q": "café"}
+    assert request(fastapi_server, "/items/notanumber").status == 422
+    assert request(fastapi_server, "/nowhere").status == 404
+
+
+def test_fastapi_sync_route_runs_in_its_thread_pool(fastapi_server):
+    assert json.loads(request(fastapi_server, "/sync").body)["thread"] is True
+
+
+def test_lifespan_state_reaches_every_request(fastapi_server):
+    pids = set()
+    for _ in range(40):
+        body = json.loads(request(fastapi_server, "/state").body)
+        # Each worker ran its own startup and sees its own state.
+        assert body["started_by"] == body["pid"]
+        pids.add(body["pid"])
+    assert len(pids) == 2
+
+
+def test_scope_is_complete(fastapi_server):
+    response = request(fastapi_server, "/scope?a=1&b=%20", headers={"X-Custom": "Value"})
+    scope = json.loads(response.body)
+    assert scope["http_version"] == "1.1"
+    assert scope["method"] == "GET"
+    assert scope["scheme"] == "http"
+    assert scope["path"] == "/scope"
+    assert scope["raw_path"] == "/scope"
+    assert scope["query_string"] == "a=1&b=%20"
+    assert scope["root_path"] == ""
+    assert scope["client"][0] == "127.0.0.1" and scope["client"][1] > 0
+    assert scope["server"] == ["127.0.0.1", fastapi_server.port]
+    assert ["x-custom", "Value"] in scope["headers"]
+    assert all(name == name.lower() for name, _ in scope["headers"])
+
+
+def test_percent_encoded_path_is_decoded(fastapi_server):
+    response = request(fastapi_server, "/items/%34%32")
+    assert json.loads(response.body)["item_id"] == 42
+
+
+def test_upload_of_20_mb_streams_through(fastapi_server):
+    body = os.urandom(20 * 1024 * 1024)
+    response = request(fastapi_server, "/upload", method="POST", body=body)
+    assert response.status == 200
+    assert json.loads(response.body) == {"size": len(body),
+                                         "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_streaming_request_and_response(fastapi_server):
+    body = b"0123456789" * 10000
+    response = request(fastapi_server, "/echo", method="POST", body=body)
+    assert response.status == 200
+    with connect(fastapi_server) as conn:
+        conn.request("/stream?chunks=5&size=3")
+        head = conn.stream.readline() + b"".join(iter(conn.stream.readline, b"\r\n"))
+        assert b"transfer-encoding: chunked" in head.lower()
+        chunks = []
+        while (size := int(conn.stream.readline(), 16)):
+            chunks.append(conn.stream.read(size))
+            assert conn.stream.readline() == b"\r\n"
+        assert conn.stream.readline() == b"\r\n"
+        assert b"".join(chunks) == b"000111222333444"
+        # Still usable: the chunked response ended cleanly.
+        conn.request("/items/1")
+        assert conn.response().status == 200
+
+
+def test_fastapi_error_is_500_and_the_worker_lives(fastapi_server):
+    before = fastapi_server.worker_pids()
+    for _ in range(4):
+        assert request(fastapi_server, "/error").status == 500
+    assert fastapi_server.worker_pids() == before
+    assert request(fastapi_server, "/").status == 200
+
+
+# The raw app: framing, errors, disconnects
+
+def test_small_response_gets_content_length_and_keeps_alive(edge):
+    with connect(edge) as conn:
+        for path in ("/a", "/b", "/c"):
+            conn.request(path)
+            response = conn.response()
+            assert response.body == path.encode()
+            assert response.headers["content-length"] == str(len(path))
+            assert "date" in response.headers and response.headers["server"] == "cydispatch"
+
+
+def test_pipelined_requests_are_answered_in_order(edge):
+    with connect(edge) as conn:
+        conn.send(b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(5)))
+        assert [conn.response().body for _ in range(5)] == [b"/%d" % i for i in range(5)]
+
+
+def test_pipelined_request_waits_for_a_slow_one(edge):
+    with connect(edge) as conn:
+        conn.send(b"GET /sleep?s=0.3 HTTP/1.1\r\nHost: t\r\n\r\n"
+                  b"GET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert conn.response().body == b"/sleep"
+        assert conn.response().body == b"/after"
+
+
+def test_head_gets_no_body(edge):
+    with connect(edge) as conn:
+        conn.request("/something", method="HEAD")
+        response = conn.response(head=True)
+        assert response.status == 200
+        assert response.headers["content-length"] == "10"
+        conn.request("/next")   # nothing of a body was left on the connection
+        assert conn.response().body == b"/next"
+
+
+def test_chunked_when_the_app_gives_no_length(edge):
+    data = raw(edge, b"GET /chunked HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"4\r\none \r\n4\r\ntwo \r\n5\r\nthree\r\n0\r\n\r\n"
+
+
+def test_http10_client_gets_a_close_delimited_stream(edge):
+    data = raw(edge, b"GET /chunked HTTP/1.0\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"chunked" not in head and b"Connection: close" in head
+    assert body == b"one two three"
+
+
+def test_expect_100_continue_is_answered_when_the_app_reads(edge):
+    with socket.create_connection((edge.host, edge.port), timeout=30) as sock:
+        sock.sendall(b"POST /sha256 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert reply.endswith(b"5 " + hashlib.sha256(b"hello").hexdigest().encode())
+
+
+def test_chunked_request_body(edge):
+    with connect(edge) as conn:
+        conn.send(b"POST /sha256 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        assert conn.response().body == b"5 " + hashlib.sha256(b"abcde").hexdigest().encode()
+
+
+def test_a_body_the_app_ignores_does_not_break_the_connection(edge):
+    with connect(edge) as conn:
+        conn.request("/ignore-body", method="POST", body=b"z" * 200_000)
+        assert conn.response().body == b"ignored"
+        conn.request("/after")
+        assert conn.response().body == b"/after"
+
+
+@pytest.mark.parametrize("path", ["/raise-before", "/no-response", "/exit", "/bad-header"])
+def test_app_failure_before_the_response_is_500(edge, path):
+    before = edge.worker_pids()
+    data = raw(edge, f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    assert data.startswith(b"HTTP/1.1 500 "), data
+    assert b"Connection: close" in data and b"Set-Cookie" not in data
+    assert edge.worker_pids() == before
+    assert request(edge, "/alive").body == b"/alive"
+
+
+def test_app_failure_during_the_response_closes_the_connection(edge):
+    data = raw(edge, b"GET /raise-after HTTP/1.1\r\nHost: t\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    # Chunked and never terminated: the client can tell it is incomplete.
+    assert body == b"7\r\npartial\r\n"
+    assert request(edge, "/alive").body == b"/alive"
+
+
+def events(server) -> list[str]:
+    return server.events.read_text().splitlines() if server.events.exists() else []
+
+
+def test_app_learns_that_the_client_went_away(edge):
+    with socket.create_connection((edge.host, edge.port), timeout=30) as sock:
+        sock.sendall(b"GET /wait-disconnect HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: "waiting" in events(edge), message="the app to wait")
+    wait_until(lambda: "http.disconnect" in events(edge), message="http.disconnect")
+
+
+def test_a_stream_to_a_client_that_left_stops(edge):
+    with socket.create_connection((edge.host, edge.port), timeout=30) as sock:
+        sock.sendall(b"GET /stream-forever HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+    wait_until(lambda: any(e.startswith("stopped after") for e in events(edge)),
+               message="the app's send to fail")
+
+
+def peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_slow_reader_does_not_make_the_worker_buffer_the_response(edge):
+    chunks = 1024    # 64 MB
+    with socket.create_connection((edge.host, edge.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
+        pid = int(sock.recv(65536).rpartition(b"\r\n\r\n")[2])
+        before = peak_rss_kb(pid)
+        sock.sendall(b"GET /large-stream?chunks=%d HTTP/1.1\r\nHost: t\r\n\r\n" % chunks)
+        total = 0
+        # A slow reader: 4 MB at 64 KB every 10 ms, then the rest at full speed.
+        while total < 4 << 20:
+            total += len(sock.recv(65536))
+            time.sleep(0.01)
+        while total < chunks * 65536 and (data := sock.recv(1 << 20)):
+            total += len(data)
+    grown = peak_rss_kb(pid) - before
+    assert total >= chunks * 65536
+    assert grown < 16 * 1024, f"the worker's peak RSS grew {grown} KB for a slow reader"
+
+
+# Request smuggling and malformed input: 400, then close
+
+SMUGGLING = {
+    "content-length and transfer-encoding":
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two content-lengths":
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "content-length list": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3, 3\r\n\r\nabc",
+    "signed content-length": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: +3\r\n\r\nabc",
+    "transfer-encoding not chunked":
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    "chunked not last":
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: t\r\nX-A: b\r\n c\r\n\r\n",
+    "bare LF line ends": b"GET / HTTP/1.1\nHost: t\n\n",
+    "bare LF after a header": b"GET / HTTP/1.1\r\nHost: t\nX: y\r\n\r\n",
+    "NUL in a value": b"GET / HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n",
+    "space in a name": b"GET / HTTP/1.1\r\nHost: t\r\nX Y: a\r\n\r\n",
+    "space before the colon": b"GET / HTTP/1.1\r\nHost : t\r\n\r\n",
+    "bare LF in a chunk size":
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+    "chunk longer than its size":
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
+    "non-ASCII in the target": b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: t\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(SMUGGLING))
+def test_smuggling_shapes_are_refused(edge, name):
+    data = raw(edge, SMUGGLING[name] + b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    assert b"/smuggled" not in data and data.count(b"HTTP/1.1") == 1
+
+
+def test_oversized_head_is_431(edge):
+    data = raw(edge, b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 431 ")
+
+
+# Slow clients
+
+def test_slowloris_head_gets_408_at_the_header_timeout(start_server):
+    server = serve(start_server, "edge_asgi:app", "--header-timeout", "1",
+                   "--keepalive-timeout", "30")
+    head = b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 100
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        started = time.monotonic()
+        answer = b""
+        # One byte every 0.1 s: each resets an idle timer, not the deadline.
+        for byte in head:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sock.settimeout(0.1)
+            try:
+                answer = sock.recv(1000)
+            except socket.timeout:
+                continue
+            break
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert elapsed < 8
+
+
+# Behind a proxy
+
+def test_forwarded_headers_from_a_trusted_proxy(fastapi_server):
+    scope = json.loads(request(fastapi_server, "/scope", headers={
+        "X-Forwarded-For": "203.0.113.7, 127.0.0.1", "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "example.com"}).body)
+    assert scope["client"][0] == "203.0.113.7"
+    assert scope["scheme"] == "https"
+    assert scope["url"] == "https://example.com/scope"
+
+
+@pytest.mark.parametrize("args", [["--forwarded-allow-ips", "10.0.0.0/8"],
+                                  ["--no-proxy-headers"]])
+def test_forwarded_headers_from_anyone_else_are_ignored(start_server, args):
+    server = serve(start_server, "fastapi_app:app", *args, workers=1)
+    scope = json.loads(request(server, "/scope", headers={
+        "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}).body)
+    assert scope["client"][0] == "127.0.0.1"
+    assert scope["scheme"] == "http"
+
+
+def test_root_path(start_server):
+    server = serve(start_server, "fastapi_app:app", "--root-path", "/api", workers=1)
+    scope = json.loads(request(server, "/scope").body)
+    assert scope["root_path"] == "/api"
+    assert scope["path"] == "/api/scope"
+    assert scope["url"].endswith("/api/scope")
+
+
+def test_access_log(start_server):
+    server = serve(start_server, "edge_asgi:app", "--access-log", workers=1)
+    request(server, "/logged?x=1")
+    line = server.wait_for_log(r'"GET /logged\?x=1 HTTP/1.1" 200')[0].string
+    assert "127.0.0.1:" in line and "ms" in line
+
+
+def test_no_access_log_by_default(edge):
+    request(edge, "/unlogged")
+    assert not edge.find("/unlogged")
+
+
+# Lifespan
+
+def test_lifespan_runs_before_ready_and_shutdown_on_stop(start_server, tmp_path):
+    log = tmp_path / "events"
+    server = serve(start_server, "fastapi_app:app", env={"LIFESPAN_EVENTS": str(log)})
+    pids = set(server.started_workers())
+    started = {line.split()[0] for line in log.read_text().splitlines()
+               if line.split()[1] == "startup"}
+    # Startup had finished in every worker before the primary logged it ready.
+    assert started == {str(pid) for pid in pids}
+    server.stop()
+    shut = {line.split()[0] for line in log.read_text().splitlines()
+            if line.split()[1] == "shutdown"}
+    assert shut == {str(pid) for pid in pids}
+
+
+def test_lifespan_order_across_a_reload_under_load(start_server, tmp_path):
+    from load_client import LoadClient, failures, summary
+    log = tmp_path / "events"
+    server = serve(start_server, "fastapi_app:app", env={"LIFESPAN_EVENTS": str(log)})
+    old = set(server.started_workers())
+    with LoadClient(server.host, server.port, threads=6, pause=0) as load:
+        wait_until(lambda: load.count("ok") >= 50, message="50 requests before the reload")
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"Reload complete: every worker replaced")
+        wait_until(lambda: len([l for l in log.read_text().splitlines()
+                                if "shutdown" in l]) >= 2,
+                   message="the old workers' shutdown")
+        reloaded = time.monotonic()
+        wait_until(lambda: load.count("ok", since=reloaded) >= 50,
+                   message="50 requests after the reload")
+    assert not failures(load.results()), summary(failures(load.results()))
+    events = [line.split() for line in log.read_text().splitlines()]
+    new = set(server.started_workers()) - old
+    assert len(new) == 2
+    when = {(int(pid), event): float(at) for pid, event, at in events}
+    # Each old worker shut its app down only after a new one had started its.
+    first_new_start = min(when[pid, "startup"] for pid in new)
+    for pid in old:
+        assert when[pid, "shutdown"] > first_new_start
+
+
+def test_lifespan_startup_failure_is_a_boot_failure(start_server):
+    server = serve(start_server, "failing_startup:app", workers=1, ready=False)
+    assert server.proc.wait(timeout=60) == 3
+    assert server.find("startup failed: no database")
+
+
+def test_lifespan_off_serves_without_it(start_server):
+    server = serve(start_server, "failing_startup:app", "--lifespan", "off", workers=1)
+    assert request(server, "/").body == b"unreachable"
+
+
+# A busy worker is seen
+
+def test_a_worker_blocked_by_cpu_work_gets_no_new_connections(edge):
+    with connect(edge) as blocker:
+        blocker.request("/burn?s=3")
+        burning = wait_until(lambda: [int(e.split()[1]) for e in events(edge)
+                                      if e.startswith("burning")],
+                             message="the burn to start")[-1]
+        # Its event loop is blocked for 3 s: the other worker answers them all.
+        served_by = [int(request(edge, "/pid").body) for _ in range(10)]
+        assert blocker.response().body == b"/burn"
+    assert burning not in served_by
+    assert len(served_by) == 10

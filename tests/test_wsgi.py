@@ -1,0 +1,110 @@
+"""WSGI apps served end to end: Flask, and wsgiref's validator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from http_client import Connection
+
+APPS = str(Path(__file__).parent / "apps")
+
+
+@pytest.fixture(scope="module")
+def flask_server():
+    from conftest import Server
+    server = Server("--app-dir", APPS, "flask_app:app", "--threads", "4", workers=2)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def request(server, path: str, method: str = "GET", headers: dict | None = None,
+            body: bytes = b""):
+    with Connection(server.host, server.port) as conn:
+        conn.request(path, method=method, body=body,
+                     headers={"Connection": "close", **(headers or {})})
+        return conn.response()
+
+
+def test_flask_json_and_routing(flask_server):
+    response = request(flask_server, "/items/7?q=x")
+    assert response.status == 200
+    assert json.loads(response.body) == {"item_id": 7, "q": "x"}
+    assert request(flask_server, "/nowhere").status == 404
+
+
+def test_flask_upload_of_20_mb_streams_through(flask_server):
+    body = os.urandom(20 * 1024 * 1024)
+    response = request(flask_server, "/upload", method="POST", body=body)
+    assert json.loads(response.body) == {"size": len(body),
+                                         "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_flask_multipart_upload(flask_server):
+    boundary = uuid.uuid4().hex
+    content = os.urandom(300_000)
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"field\"\r\n\r\n"
+            f"value\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"data.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    response = request(flask_server, "/form", method="POST", body=body, headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert json.loads(response.body) == {"name": "data.bin", "size": len(content),
+                                         "field": "value"}
+
+
+def test_flask_streamed_response_is_chunked(flask_server):
+    with socket.create_connection((flask_server.host, flask_server.port), timeout=30) as sock:
+        sock.sendall(b"GET /stream?chunks=4&size=2 HTTP/1.1\r\nHost: t\r\n"
+                     b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"2\r\n00\r\n2\r\n11\r\n2\r\n22\r\n2\r\n33\r\n0\r\n\r\n"
+
+
+def test_flask_environ(flask_server):
+    environ = json.loads(request(flask_server, "/environ?a=b").body)
+    assert environ["REQUEST_METHOD"] == "GET"
+    assert environ["PATH_INFO"] == "/environ"
+    assert environ["QUERY_STRING"] == "a=b"
+    assert environ["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert environ["REMOTE_ADDR"] == "127.0.0.1"
+    assert environ["SERVER_PORT"] == str(flask_server.port)
+    assert environ["HTTP_HOST"] == "test"
+    assert environ["url"] == "http://test/environ?a=b"
+
+
+def test_flask_error_is_500(flask_server):
+    before = flask_server.worker_pids()
+    assert request(flask_server, "/error").status == 500
+    assert flask_server.worker_pids() == before
+
+
+def test_wsgiref_validator_accepts_the_environ(start_server):
+    server = start_server("--app-dir", APPS, "--root-path", "/mount", "validated_wsgi:app",
+                          workers=1)
+    # The proxy in front strips /mount; the app is told it is mounted there.
+    response = request(server, "/p%20q?x=1", method="POST", body=b"payload")
+    assert response.status == 200, server.log
+    lines = response.body.decode().splitlines()
+    assert lines == ["REQUEST_METHOD=POST", "SCRIPT_NAME=/mount", "PATH_INFO=/p q",
+                     "QUERY_STRING=x=1", "SERVER_PROTOCOL=HTTP/1.1", "body=payload"]
+
+
+def test_header_names_with_underscores_are_dropped(flask_server):
+    # X_Forwarded_For must not pass for the proxy's X-Forwarded-For.
+    environ = json.loads(request(flask_server, "/environ",
+                                 headers={"X_Host": "evil"}).body)
+    assert environ["HTTP_HOST"] == "test"
