@@ -455,6 +455,18 @@ def test_lifespan_startup_failure_is_a_boot_failure(start_server):
     assert server.find("startup failed: no database")
 
 
+def test_an_app_that_returns_from_lifespan_serves_without_it(start_server):
+    server = serve(start_server, "edge_asgi:http_only", workers=1)
+    assert request(server, "/").body == b"http only"
+
+
+def test_lifespan_on_requires_an_answer(start_server):
+    server = serve(start_server, "edge_asgi:http_only", "--lifespan", "on", workers=1,
+                   ready=False)
+    assert server.proc.wait(timeout=60) == 3
+    assert server.find("returned from lifespan without answering")
+
+
 def test_lifespan_off_serves_without_it(start_server):
     server = serve(start_server, "failing_startup:app", "--lifespan", "off", workers=1)
     assert request(server, "/").body == b"unreachable"

@@ -115,3 +115,52 @@ def test_client_cpus_must_be_usable(tmp_path, cpus, words):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@needs_wrk
+@pytest.mark.parametrize("app", ["cydispatch.bench.apps:hello", "cydispatch.bench.apps:hello_wsgi",
+                                 "cydispatch.bench.starlette_app:app"])
+def test_bench_runs_an_app_in_every_mode(tmp_path, app):
+    result = subprocess.run(
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--app", app,
+         "--modes", "dispatch/least-conn", "shared", "bare",
+         "--workloads", "keepalive", "skew", "balance", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["app"] == app
+    # The bare reference serves only the built-in app: left out.
+    assert {r["mode"] for r in results["runs"]} == {"dispatch/least-conn", "shared"}
+    for run_ in results["runs"]:
+        assert run_["wrk"]["requests"] > 0 and run_["wrk"]["errors"] == 0, run_
+        if run_["workload"] == "balance":
+            # The app says which worker answered, as the built-in one does.
+            assert len(run_["wrk"]["workers"]) == 2
+
+
+def test_bench_peers_peer_ratios_are_taken_round_by_round():
+    results = {
+        "config": {"workloads": ["close"], "modes": ["dispatch/least-conn"],
+                   "peers": ["uvicorn"], "workers": 2},
+        "baseline": "reuseport",
+        "runs": [run(1, "dispatch/least-conn", 150, 500), run(1, "uvicorn", 100, 1000),
+                 run(2, "dispatch/least-conn", 300, 400), run(2, "uvicorn", 200, 1000)],
+    }
+    summary = report.summarize(results)
+    assert summary["close"]["dispatch/least-conn"]["vs_peers"]["uvicorn"] == \
+        {"rps": pytest.approx(1.5), "p99": pytest.approx(0.45)}
+    assert "vs uvicorn" in report.table({**results, "summary": summary,
+                                         "machine": {}}).splitlines()[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--peers", "uvicorn"], "--peers needs --app"),
+    (["--app", "cydispatch.bench.apps:hello", "--peers", "nginx"],
+     "'nginx' is not one of uvicorn, granian, gunicorn"),
+    (["--app", "no_such_module:app"], "--app: cannot import 'no_such_module'"),
+])
+def test_bench_app_errors_are_one_line(tmp_path, args, words):
+    result = subprocess.run([CYDISPATCH, "bench", *args, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1

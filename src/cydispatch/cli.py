@@ -14,6 +14,7 @@ import os
 import sys
 
 from cydispatch import __version__, logs
+from cydispatch.bench.peers import PEERS
 from cydispatch.bench.runner import MODES as BENCH_MODES
 from cydispatch.bench.runner import WORKLOADS as BENCH_WORKLOADS
 from cydispatch.listener import ListenError
@@ -173,6 +174,23 @@ def build_parser() -> CliParser:
                             "servers on the others, so the load generator does "
                             "not take CPU from the workers (default: all share "
                             "all CPUs)")
+    bench.add_argument("--app", default="", metavar="APP",
+                       help="benchmark this app (MODULE:ATTRIBUTE) instead of the "
+                            "built-in one; it must answer GET / (and GET /slow?ms=N "
+                            "for the skew workload, Hello from Worker <pid> for "
+                            "balance), as cydispatch.bench.apps:hello, "
+                            "cydispatch.bench.apps:hello_wsgi and "
+                            "cydispatch.bench.starlette_app:app do")
+    bench.add_argument("--app-dir", default=".", metavar="DIR",
+                       help="directory to import --app from (default: %(default)s)")
+    bench.add_argument("--interface", choices=settings_module.INTERFACES, default="auto",
+                       help="of --app (default: %(default)s)")
+    bench.add_argument("--threads", type=positive_int, default=Settings().threads,
+                       metavar="N", help="threads per worker for a WSGI --app, in "
+                       "every server (default: %(default)s)")
+    bench.add_argument("--peers", type=peer_list, default=(), metavar="LIST",
+                       help="also run --app under these servers, in the same rounds: "
+                            f"a comma-separated list of {', '.join(PEERS)}")
     bench.set_defaults(run=run_bench)
     return parser
 
@@ -193,6 +211,29 @@ def run_serve(args: argparse.Namespace) -> int:
         return STARTUP_ERROR
 
 
+def peer_list(text: str) -> tuple[str, ...]:
+    from cydispatch.bench.peers import missing
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    for name in names:
+        if name not in PEERS:
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is not one of {', '.join(PEERS)}")
+        why = missing(name)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+    return names
+
+
+def bench_app_interface(args: argparse.Namespace) -> str:
+    """Load --app once here, so that a broken one is one line, not a failed run."""
+    from pyworker.loader import AppLoadError, load_app
+    try:
+        settings = Settings(app=args.app, app_dir=args.app_dir, interface=args.interface)
+        return load_app(settings)[1]
+    except AppLoadError as exc:
+        raise ValueError(f"--app: {exc}") from None
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import pathlib
     import shutil
@@ -203,10 +244,25 @@ def run_bench(args: argparse.Namespace) -> int:
     if shutil.which("wrk") is None:
         print(f"cydispatch: error: {wrk.INSTALL_HINT}", file=sys.stderr)
         return STARTUP_ERROR
+    modes, interface = tuple(args.modes), "asgi"
+    if args.app or args.peers:
+        if not args.app:
+            print("cydispatch: error: --peers needs --app (the peers cannot serve the "
+                  "built-in app)", file=sys.stderr)
+            return USAGE_ERROR
+        try:
+            interface = bench_app_interface(args)
+        except ValueError as exc:
+            print(f"cydispatch: error: {exc}", file=sys.stderr)
+            return USAGE_ERROR
+        # The bare reference server serves only the built-in app.
+        modes = tuple(mode for mode in modes if mode != runner.REFERENCE)
     config = runner.BenchConfig(
         workers=args.workers, duration=args.duration, rounds=args.rounds,
-        connections=args.connections, modes=tuple(args.modes),
-        workloads=tuple(args.workloads), client_cpus=args.client_cpus)
+        connections=args.connections, modes=modes,
+        workloads=tuple(args.workloads), client_cpus=args.client_cpus,
+        app=args.app, app_dir=os.path.abspath(args.app_dir), interface=interface,
+        app_threads=args.threads, peers=args.peers)
     try:
         runner.run(config, pathlib.Path(args.out))
     except (ServerFailed, wrk.WrkOutputError) as exc:

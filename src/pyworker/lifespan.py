@@ -66,8 +66,17 @@ class Lifespan:
             log.error("Exception in the application's lifespan", exc_info=exc)
             await self.answers.put({"type": "app.error", "error": f"{type(exc).__name__}: {exc}"})
         else:
-            # Returning is allowed; whatever was not answered now never will be.
-            await self.answers.put({"type": "app.error", "error": "the lifespan task returned"})
+            if self.mode == "auto" and not self.started:
+                # `if scope["type"] != "http": return` is a common way to say so.
+                log.debug("The application returned from lifespan before startup; "
+                          "serving without lifespan")
+                self.supported = False
+                await self.answers.put({"type": "app.unsupported"})
+                return
+            # Whatever was not answered now never will be.
+            await self.answers.put({"type": "app.error",
+                                    "error": "the application returned from lifespan "
+                                             "without answering"})
 
     async def receive(self) -> dict:
         return await self.inbox.get()

@@ -104,3 +104,11 @@ async def app(scope, receive, send):
         return
     await start(send)
     await send({"type": "http.response.body", "body": path.encode()})
+
+
+async def http_only(scope, receive, send):
+    """An app that returns at once for anything but HTTP, as many raw apps do."""
+    if scope["type"] != "http":
+        return
+    await start(send)
+    await send({"type": "http.response.body", "body": b"http only"})

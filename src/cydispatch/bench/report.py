@@ -88,12 +88,17 @@ def balance(run: dict, workers: int) -> tuple[float, float] | None:
     return spread, statistics.pstdev(counts) / mean if mean else 0.0
 
 
+def all_modes(config: dict) -> list[str]:
+    return list(config["modes"]) + list(config.get("peers", ()))
+
+
 def summarize(results: dict) -> dict:
     config, base = results["config"], results["baseline"]
+    peers = list(config.get("peers", ()))
     summary: dict = {}
     for workload in config["workloads"]:
         summary[workload] = {}
-        for mode in config["modes"]:
+        for mode in all_modes(config):
             runs = runs_of(results, workload, mode)
             if not runs:
                 continue
@@ -108,10 +113,17 @@ def summarize(results: dict) -> dict:
                     r["primary_cpu_us_per_request"] or 0 for r in runs),
                 "primary_peak_rss_mb": max(r["primary_peak_rss_kb"] for r in runs) / 1024,
             }
-            if mode != base:
+            if mode != base and base in config["modes"]:
                 entry["rps_ratio"] = per_round_ratio(results, workload, mode, base, "rps")
                 entry["p99_ratio"] = per_round_ratio(results, workload, mode, base,
                                                      "latency_p99_us")
+            if peers:
+                # The same app under the servers users would otherwise pick.
+                entry["vs_peers"] = {
+                    peer: {"rps": per_round_ratio(results, workload, mode, peer, "rps"),
+                           "p99": per_round_ratio(results, workload, mode, peer,
+                                                  "latency_p99_us")}
+                    for peer in peers if peer != mode}
             spreads = [b for b in (balance(r, config["workers"]) for r in runs) if b]
             if spreads:
                 entry["balance"] = {
@@ -141,14 +153,22 @@ def number(value: float | None, digits: int = 2) -> str:
 
 
 def rows(results: dict) -> list[list[str]]:
+    peers = list(results["config"].get("peers", ()))
     header = ["workload", "mode", "req/s median", "min-max", "vs reuseport",
               "p50 ms", "p99 ms", "p99.9 ms", "p99 vs reuseport", "balance max/min",
               "primary µs/req", "errors"]
+    for peer in peers:
+        header += [f"vs {peer}", f"p99 vs {peer}"]
     table = [header]
     summary = results["summary"]
     for workload in results["config"]["workloads"]:
         for mode, entry in summary[workload].items():
             rps, latency = entry["rps"], entry["latency_ms"]
+            versus = []
+            for peer in peers:
+                ratios = entry.get("vs_peers", {}).get(peer, {})
+                versus += [number(ratios.get("rps")) + ("x" if ratios.get("rps") else ""),
+                           number(ratios.get("p99")) + ("x" if ratios.get("p99") else "")]
             table.append([
                 workload, mode, number(rps["median"], 0),
                 f"{number(rps['min'], 0)}-{number(rps['max'], 0)}",
@@ -157,6 +177,7 @@ def rows(results: dict) -> list[list[str]]:
                 number(entry.get("p99_ratio")) + ("x" if entry.get("p99_ratio") else ""),
                 number(entry.get("balance", {}).get("max_min")),
                 number(entry["primary_cpu_us_per_request"], 1), str(entry["errors"]),
+                *versus,
             ])
     return table
 
@@ -195,8 +216,10 @@ def markdown(results: dict) -> str:
         "",
         f"Run: {config['rounds']} interleaved rounds, {config['duration']} s per workload, "
         f"{config['connections']} connections, {config['workers']} workers, "
-        f"wrk with {config['threads']} thread(s) {placement(config)}.  Medians over "
-        "rounds; ratios are taken within each round against reuseport, then the median.",
+        f"wrk with {config['threads']} thread(s) {placement(config)}.  "
+        f"App: {config.get('app') or 'the built-in app'}.  Medians over "
+        "rounds; ratios are taken within each round (against reuseport, and against each "
+        "peer server), then the median.",
         "",
         "| " + " | ".join(table[0]) + " |",
         "|" + "---|" * len(table[0]),
@@ -221,7 +244,7 @@ def plot(results: dict, path) -> bool:
     from matplotlib import pyplot
 
     summary, config = results["summary"], results["config"]
-    modes = list(config["modes"])
+    modes = all_modes(config)
     workloads = [w for w in config["workloads"] if w != "balance"]
     figure, (throughput, tail) = pyplot.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(len(modes), 1)

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from cydispatch.bench import report, wrk
+from cydispatch.bench import peers, report, wrk
 from cydispatch.bench.server import BareServer, CydispatchServer, ServerProcess
 
 BASELINE = "reuseport"
@@ -71,6 +71,16 @@ class BenchConfig:
     threads: int = 1    # wrk threads; one leaves the most CPU to the server
     # CPUs for wrk alone; the servers get the others.  Empty: all share all.
     client_cpus: tuple[int, ...] = ()
+    # The app every server runs; empty: cydispatch's built-in app (no peers).
+    app: str = ""
+    app_dir: str = "."
+    interface: str = "asgi"     # of `app`, as the peers need it said
+    app_threads: int = 10       # a WSGI app's thread pool, in every server
+    peers: tuple[str, ...] = ()
+
+    def all_modes(self) -> tuple[str, ...]:
+        """cydispatch's modes, then the peers, in the order each round runs them."""
+        return self.modes + self.peers
 
     def server_cpus(self) -> tuple[int, ...]:
         return tuple(sorted(os.sched_getaffinity(0) - set(self.client_cpus)))
@@ -85,9 +95,17 @@ class BenchConfig:
 def start_server(mode: str, config: BenchConfig) -> ServerProcess:
     # Started on the server CPUs, a server pins its workers within them.
     wrapper = config.pinned(config.server_cpus())
+    if mode in peers.PEERS:
+        return peers.PeerServer(mode, config.app, config.interface, config.workers,
+                                config.app_threads, config.app_dir,
+                                wrapper=wrapper).wait_ready()
     if MODES[mode] is None:
         return BareServer(workers=config.workers, wrapper=wrapper).wait_ready()
-    return CydispatchServer(*MODES[mode], "--log-level", "info",
+    app = ()
+    if config.app:
+        app = ("--app-dir", config.app_dir, "--interface", config.interface,
+               "--threads", str(config.app_threads), config.app)
+    return CydispatchServer(*MODES[mode], "--log-level", "info", *app,
                             workers=config.workers, wrapper=wrapper).wait_ready()
 
 
@@ -140,7 +158,7 @@ class Progress:
 
     def __init__(self, config: BenchConfig) -> None:
         self.total = config.rounds * sum(len(workloads_for(mode, config))
-                                         for mode in config.modes)
+                                         for mode in config.all_modes())
         self.done = 0
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()
@@ -162,7 +180,7 @@ class Progress:
         sys.stderr.write(f"done in {(time.monotonic() - self.started) / 60:.1f} min\n")
 
 
-def machine() -> dict:
+def machine(config_packages: tuple[str, ...] = ()) -> dict:
     """What the figures were measured on."""
     model = ""
     with open("/proc/cpuinfo") as f:
@@ -171,7 +189,7 @@ def machine() -> dict:
                 model = line.partition(":")[2].strip()
                 break
     versions = {}
-    for package in ("cydispatch", "uvloop", "httptools"):
+    for package in ("cydispatch", "uvloop", "httptools", *config_packages):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -191,17 +209,23 @@ def machine() -> dict:
     }
 
 
+def app_packages(app: str) -> tuple[str, ...]:
+    """Frameworks whose version belongs with the figures."""
+    return tuple(name for name in ("starlette", "fastapi", "flask", "django")
+                 if name in app.lower())
+
+
 def run(config: BenchConfig, out: pathlib.Path) -> dict:
     """The whole benchmark; writes results.json, results.md and results.png to `out`."""
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(config)
     runs = []
     for round_number in range(1, config.rounds + 1):
-        for mode in config.modes:
+        for mode in config.all_modes():
             runs += measure_mode(mode, config, round_number, progress)
     progress.finish()
     results = {
-        "machine": machine(),
+        "machine": machine(config.peers + app_packages(config.app)),
         "config": dataclasses.asdict(config),
         "baseline": BASELINE,
         "runs": runs,
