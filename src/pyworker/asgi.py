@@ -50,9 +50,33 @@ WRITE_LOW_WATER = 16 * 1024
 # Response headers the server writes unless the app did.
 NO_BODY_STATUSES = frozenset((204, 304)) | frozenset(range(100, 200))
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 # RFC 9110 token characters for names; values may not hold CR, LF or NUL.
 INVALID_HEADER_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 INVALID_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+# Response headers by what build_head does with them.
+HEADER_PLAIN, HEADER_LENGTH, HEADER_FRAMING, HEADER_CONNECTION, HEADER_SERVER, HEADER_DATE = (
+    "plain", "length", "framing", "connection", "server", "date")
+HEADER_KINDS = {b"content-length": HEADER_LENGTH, b"transfer-encoding": HEADER_FRAMING,
+                b"connection": HEADER_CONNECTION, b"server": HEADER_SERVER,
+                b"date": HEADER_DATE}
+# Apps send the same headers again and again: each (name, value) is checked
+# and rendered once, up to this many kept.
+HEADER_LINES: dict[tuple[bytes, bytes], tuple[bytes, str]] = {}
+HEADER_LINES_KEPT = 512
+
+
+def header_line(name: bytes, value: bytes) -> tuple[bytes, str]:
+    """(the header's line, its kind); RuntimeError for one that could split a response."""
+    if INVALID_HEADER_NAME.search(name) or INVALID_HEADER_VALUE.search(value) or not name:
+        raise RuntimeError(f"invalid response header {name!r}: {value!r}")
+    known = (b"%b: %b\r\n" % (name, value), HEADER_KINDS.get(name.lower(), HEADER_PLAIN))
+    if len(HEADER_LINES) >= HEADER_LINES_KEPT:
+        HEADER_LINES.clear()
+    HEADER_LINES[name, value] = known
+    return known
 
 
 class ClientDisconnected(OSError):
@@ -272,25 +296,29 @@ class RequestCycle:
         lines = [status_line(self.status)]
         has_server = has_date = False
         for name, value in self.headers:
-            if INVALID_HEADER_NAME.search(name) or INVALID_HEADER_VALUE.search(value):
-                raise RuntimeError(f"invalid response header {name!r}: {value!r}")
-            lowered = name.lower()
-            if lowered == b"content-length":
+            known = HEADER_LINES.get((name, value))
+            if known is None:
+                known = header_line(name, value)
+            line, kind = known
+            if kind is HEADER_PLAIN:
+                lines.append(line)
+            elif kind is HEADER_LENGTH:
                 try:
                     self.content_length = int(value)
                 except ValueError:
                     raise RuntimeError(f"invalid Content-Length {value!r}") from None
-            elif lowered == b"transfer-encoding":
-                continue    # framing is ours to decide
-            elif lowered == b"connection":
+                lines.append(line)
+            elif kind is HEADER_CONNECTION:
+                # Written below, once.
                 if value.lower() == b"close":
                     self.keep_alive = False
-                continue    # written below, once
-            elif lowered == b"server":
+            elif kind is HEADER_SERVER:
                 has_server = True
-            elif lowered == b"date":
+                lines.append(line)
+            elif kind is HEADER_DATE:
                 has_date = True
-            lines.append(b"%b: %b\r\n" % (name, value))
+                lines.append(line)
+            # HEADER_FRAMING (Transfer-Encoding): framing is ours to decide.
         if not has_server:
             lines.append(SERVER_HEADER)
         if not has_date:
@@ -402,7 +430,7 @@ class AsgiProtocol(asyncio.Protocol):
         self.writing_paused = False
         self.drain_waiters: list[asyncio.Future] = []
         self.served = 0
-        self.http11 = True
+        self.http11: bool | None = None
         self.queued_at = queued_at
 
     # asyncio.Protocol
@@ -520,7 +548,11 @@ class AsgiProtocol(asyncio.Protocol):
         config = self.config
         self.head_since = 0
         self.head_seen = 0
-        self.http11 = http11 = parser.get_http_version() == "1.1"
+        http11 = self.http11
+        if http11 is None:
+            # httptools builds a new string per call; a client does not
+            # change its HTTP version between requests on one connection.
+            self.http11 = http11 = parser.get_http_version() == "1.1"
         url = self.url
         if url[:1] == b"/":
             raw_path, _, query = url.partition(b"?")
@@ -535,6 +567,7 @@ class AsgiProtocol(asyncio.Protocol):
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
+        method = parser.get_method()
         headers = self.headers
         client, scheme = self.client, "http"
         host = None
@@ -554,7 +587,7 @@ class AsgiProtocol(asyncio.Protocol):
             "server": self.local,
             "client": client,
             "scheme": scheme,
-            "method": parser.get_method().decode("ascii"),
+            "method": METHODS.get(method) or method.decode("ascii"),
             "root_path": config.root_path,
             "path": config.root_path + path,
             "raw_path": config.root_path_bytes + raw_path,
