@@ -45,6 +45,10 @@ WATCHDOG_KILL_GRACE = 3.0
 # Before it is ready a worker is importing and binding, which on a loaded
 # machine can take seconds: the watchdog allows at least this much.
 BOOT_TIMEOUT = 10.0
+# After --graceful-timeout, how long a stopping worker has to close its
+# connections and run the app's lifespan shutdown before it is killed (at
+# most the graceful timeout again: a short one stays short).
+WORKER_EXIT_MARGIN = 2.0
 # The longest the primary sleeps between looks at its timers.
 TICK_SECONDS = 1.0
 LOAD_PAGE_SIZE = 4096
@@ -550,7 +554,12 @@ class Arbiter:
         if not self.stopping:
             self.stopping = True
             self.replacements.clear()
-            self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
+            # Workers stop on their own at --graceful-timeout (closing WebSockets
+            # with 1001, running the app's shutdown); the kill is for those that
+            # cannot.
+            graceful = self.settings.graceful_timeout
+            self.stop_deadline = (time.monotonic() + graceful
+                                  + min(WORKER_EXIT_MARGIN, graceful))
             # The listener closes first: what arrives from now on is refused by
             # the kernel, never accepted and then dropped.
             self.dispatcher.close_listener()

@@ -31,6 +31,9 @@ from urllib.parse import unquote
 
 import httptools
 
+from pyworker.websocket import (
+    WebSocketSession, handshake_bytes, is_websocket_upgrade, websocket_scope,
+)
 from pyworker.http import (
     MAX_HEAD_BYTES, KEEP_ALIVE_HEADER, SERVER_HEADER, STATUS_LINES, RequestRejected,
 )
@@ -130,13 +133,16 @@ def stamped(coro, begin, end):
 class AsgiConfig:
     """What every connection of a worker shares: the app and the settings it needs."""
 
-    def __init__(self, app, settings, trust, state: dict | None) -> None:
+    def __init__(self, app, settings, trust, state: dict | None,
+                 websockets: bool = True) -> None:
         self.app = app
         self.root_path = settings.root_path
         self.root_path_bytes = settings.root_path.encode("ascii")
         self.trust = trust
         self.state = state
         self.access_log = settings.access_log
+        # WebSockets need an ASGI app; a WSGI app gets upgrades as plain requests.
+        self.websockets = websockets
 
 
 class RequestCycle:
@@ -432,6 +438,7 @@ class AsgiProtocol(asyncio.Protocol):
         self.served = 0
         self.http11: bool | None = None
         self.queued_at = queued_at
+        self.websocket: tuple[dict, bytes] | None = None   # (scope, handshake) to upgrade
 
     # asyncio.Protocol
 
@@ -511,8 +518,8 @@ class AsgiProtocol(asyncio.Protocol):
                 else:
                     log.exception("request handling failed", exc_info=cause)
                     self.reject(500)
-            except httptools.HttpParserUpgrade:
-                self.reject(501)    # WebSocket and h2c upgrades: not yet served
+            except httptools.HttpParserUpgrade as upgrade:
+                self.upgrade(data[upgrade.args[0]:])
             except httptools.HttpParserError:
                 self.reject(400)
             else:
@@ -597,6 +604,13 @@ class AsgiProtocol(asyncio.Protocol):
         if config.state is not None:
             scope["state"] = config.state.copy()
         keep_alive = parser.should_keep_alive() and not self.close_after
+        if parser.should_upgrade():
+            if config.websockets and is_websocket_upgrade(headers):
+                self.websocket = websocket_scope(scope), handshake_bytes(method, url, headers)
+                return
+            # Another protocol (h2c), or a WSGI app: served as a plain request,
+            # after which httptools reads no more from this connection.
+            keep_alive = False
         cycle = RequestCycle(self, scope, keep_alive, expect_continue)
         self.parsing = cycle
         if self.cycle is None:
@@ -615,6 +629,21 @@ class AsgiProtocol(asyncio.Protocol):
             parsing.finish_body()
 
     # Requests
+
+    def upgrade(self, rest: bytes) -> None:
+        """The parser stopped at an upgrade: hand the connection to a WebSocket session."""
+        if self.websocket is None:
+            return      # served as a plain request; the rest is not HTTP/1.1
+        if self.cycle is not None or self.pipeline:
+            self.reject(400)    # an upgrade pipelined behind a request
+            return
+        scope, handshake = self.websocket
+        session = WebSocketSession(self.server, self.config, scope, handshake)
+        session.queued_at, self.queued_at = self.queued_at, None
+        self.server.connection_replaced(self, session)
+        self.closing = True     # this protocol is done with the transport
+        self.parser = None
+        session.take_over(self.transport, rest)
 
     def start(self, cycle: RequestCycle) -> None:
         self.cycle = cycle

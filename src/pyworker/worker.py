@@ -42,7 +42,7 @@ log = logging.getLogger("cydispatch.worker")
 TICK_SECONDS = 1.0
 # The app's lifespan shutdown gets at least this long, even after a drain
 # that used up the graceful timeout.
-LIFESPAN_SHUTDOWN_MIN = 5.0
+LIFESPAN_SHUTDOWN_MIN = 1.0
 # Signals meant for the primary (reload, scaling) that may reach the whole
 # process group; a worker must not stop or die of them.
 PRIMARY_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
@@ -117,7 +117,8 @@ class Worker:
         from pyworker.asgi import AsgiConfig, AsgiProtocol
         from pyworker.proxy import ProxyTrust
         state = self.lifespan.state if self.lifespan is not None else None
-        config = AsgiConfig(app, self.settings, ProxyTrust(self.settings), state)
+        config = AsgiConfig(app, self.settings, ProxyTrust(self.settings), state,
+                            websockets=interface == "asgi")
         log.debug("Worker %d serves %s (%s)", os.getpid(), self.settings.app, interface)
         return lambda queued_at=None: AsgiProtocol(self, config, queued_at)
 
@@ -221,6 +222,11 @@ class Worker:
         if self.draining:
             self.exit_if_done()
 
+    def connection_replaced(self, old, new) -> None:
+        """The connection now speaks another protocol (a WebSocket): still one connection."""
+        self.connections.discard(old)
+        self.connections.add(new)
+
     def dequeued(self, protocol: HttpProtocol) -> None:
         self.channel.dequeue()
 
@@ -232,6 +238,9 @@ class Worker:
             return
         self.draining = True
         self.drain_deadline = time.monotonic() + self.settings.graceful_timeout
+        # On time, not on the next tick: the primary's own deadline follows.
+        self.loop.call_at(self.loop.time() + self.settings.graceful_timeout,
+                          self.graceful_timeout_expired)
         self.channel.report(WorkerState.WORKER_DRAINING)
         if self.server is not None:
             self.server.close()
@@ -270,12 +279,18 @@ class Worker:
         head_cutoff = self.now - self.settings.header_timeout - TICK_SECONDS
         for protocol in list(self.connections):
             protocol.check_timeouts(self.now, idle_cutoff, head_cutoff)
-        if self.draining and self.now >= self.drain_deadline:
-            log.warning("Worker %d: graceful timeout; closing %d connections",
-                        os.getpid(), len(self.connections))
-            self.loop.stop()
-            return
         self.loop.call_later(TICK_SECONDS, self.tick)
+
+    def graceful_timeout_expired(self) -> None:
+        if not self.loop.is_running():
+            return
+        log.warning("Worker %d: graceful timeout; closing %d connections",
+                    os.getpid(), len(self.connections))
+        for protocol in list(self.connections):
+            going_away = getattr(protocol, "going_away", None)
+            if going_away is not None:
+                going_away()    # WebSockets: a close frame with 1001
+        self.loop.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,37 @@ async def start(send, status=200, headers=()):
                 "headers": [(b"content-type", b"text/plain"), *headers]})
 
 
+async def websocket(scope, receive, send):
+    """/ws echoes; /ws-close closes with 4001; /ws-deny refuses; /ws-raise fails."""
+    path = scope["path"]
+    assert (await receive())["type"] == "websocket.connect"
+    if path == "/ws-deny":
+        await send({"type": "websocket.close"})
+        return
+    if path == "/ws-raise":
+        raise RuntimeError("cannot take this socket")
+    protocols = scope["subprotocols"]
+    await send({"type": "websocket.accept", "subprotocol": protocols[0] if protocols else None})
+    if path == "/ws-close":
+        await send({"type": "websocket.close", "code": 4001, "reason": "done here"})
+        return
+    if path == "/ws-scope":
+        await send({"type": "websocket.send", "text": repr(
+            {k: scope[k] for k in ("scheme", "path", "query_string", "subprotocols")})})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            record(f"ws disconnect {message['code']}")
+            return
+        if message.get("text") == "raise":
+            raise RuntimeError("failed mid-conversation")
+        await send({"type": "websocket.send", **{k: v for k, v in message.items()
+                                                   if k in ("text", "bytes") and v is not None}})
+
+
 async def app(scope, receive, send):
+    if scope["type"] == "websocket":
+        return await websocket(scope, receive, send)
     if scope["type"] != "http":
         raise RuntimeError("no lifespan here")   # --lifespan auto: not supported
     path = scope["path"]

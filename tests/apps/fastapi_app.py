@@ -12,7 +12,7 @@ import hashlib
 import os
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 
@@ -114,3 +114,14 @@ async def sleep(ms: int = 100):
 @app.get("/error")
 async def error():
     raise RuntimeError("the handler failed")
+
+
+@app.websocket("/ws")
+async def echo_socket(websocket: WebSocket):
+    await websocket.accept()
+    try:
+        while True:
+            message = await websocket.receive_json()
+            await websocket.send_json({"echo": message, "pid": os.getpid()})
+    except WebSocketDisconnect:
+        pass

@@ -1,0 +1,158 @@
+"""WebSockets through the real CLI, driven by the `websockets` package's client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from waiting import wait_until
+
+APPS = str(Path(__file__).parent / "apps")
+TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def edge(request):
+    from conftest import Server
+    events = Path(request.config.rootpath) / ".pytest-ws-events"
+    events.unlink(missing_ok=True)
+    server = Server("--app-dir", APPS, "--ws-max-size", "65536", "edge_asgi:app", workers=2,
+                    env={"APP_EVENTS": str(events)})
+    try:
+        server.wait_ready()
+        server.events = events
+        yield server
+    finally:
+        server.stop()
+        events.unlink(missing_ok=True)
+
+
+def url(server, path: str) -> str:
+    return f"ws://{server.host}:{server.port}{path}"
+
+
+def events(server) -> list[str]:
+    return server.events.read_text().splitlines() if server.events.exists() else []
+
+
+def test_text_and_binary_messages_echo(edge):
+    with connect(url(edge, "/ws"), open_timeout=TIMEOUT) as ws:
+        ws.send("hello")
+        assert ws.recv(TIMEOUT) == "hello"
+        ws.send(b"\x00\x01binary")
+        assert ws.recv(TIMEOUT) == b"\x00\x01binary"
+        big = "x" * 60000     # fragmented by nobody, but over one read
+        ws.send(big)
+        assert ws.recv(TIMEOUT) == big
+
+
+def test_ping_is_answered(edge):
+    with connect(url(edge, "/ws"), open_timeout=TIMEOUT) as ws:
+        assert ws.ping(b"are you there").wait(TIMEOUT)
+
+
+def test_app_close_code_reaches_the_client(edge):
+    with connect(url(edge, "/ws-close"), open_timeout=TIMEOUT) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(TIMEOUT)
+    assert closed.value.rcvd.code == 4001
+    assert closed.value.rcvd.reason == "done here"
+
+
+def test_client_close_code_reaches_the_app(edge):
+    with connect(url(edge, "/ws"), open_timeout=TIMEOUT) as ws:
+        ws.send("hi")
+        ws.recv(TIMEOUT)
+        ws.close(code=4321)
+    wait_until(lambda: "ws disconnect 4321" in events(edge), message="the app's disconnect")
+
+
+def test_client_that_vanishes_is_an_abnormal_closure(edge):
+    ws = connect(url(edge, "/ws"), open_timeout=TIMEOUT).__enter__()
+    ws.send("hi")
+    ws.recv(TIMEOUT)
+    ws.socket.shutdown(socket.SHUT_RDWR)   # no close frame
+    ws.socket.close()
+    wait_until(lambda: "ws disconnect 1006" in events(edge), message="a 1006 disconnect")
+
+
+def test_message_over_ws_max_size_closes_with_1009(edge):
+    with connect(url(edge, "/ws"), open_timeout=TIMEOUT, max_size=None) as ws:
+        ws.send(b"y" * 70000)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(TIMEOUT)
+    assert closed.value.rcvd.code == 1009
+
+
+def test_app_that_refuses_gets_403(edge):
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url(edge, "/ws-deny"), open_timeout=TIMEOUT)
+    assert refused.value.response.status_code == 403
+
+
+def test_app_that_raises_before_accepting_gets_500(edge):
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url(edge, "/ws-raise"), open_timeout=TIMEOUT)
+    assert refused.value.response.status_code == 500
+
+
+def test_app_that_raises_later_closes_with_1011(edge):
+    with connect(url(edge, "/ws"), open_timeout=TIMEOUT) as ws:
+        ws.send("raise")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(TIMEOUT)
+    assert closed.value.rcvd.code == 1011
+
+
+def test_subprotocol_and_scope(edge):
+    with connect(url(edge, "/ws-scope?x=1"), open_timeout=TIMEOUT,
+                 subprotocols=["chat.v2", "chat.v1"]) as ws:
+        assert ws.subprotocol == "chat.v2"
+        scope = ws.recv(TIMEOUT)
+    assert "'scheme': 'ws'" in scope and "'path': '/ws-scope'" in scope
+    assert "'query_string': b'x=1'" in scope and "['chat.v2', 'chat.v1']" in scope
+
+
+def test_plain_http_still_works_after_websockets(edge):
+    with socket.create_connection((edge.host, edge.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /plain HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert sock.recv(65536).endswith(b"/plain")
+
+
+def test_fastapi_websocket(start_server):
+    server = start_server("--app-dir", APPS, "fastapi_app:app", workers=1)
+    with connect(url(server, "/ws"), open_timeout=TIMEOUT) as ws:
+        ws.send(json.dumps({"n": 1}))
+        assert json.loads(ws.recv(TIMEOUT))["echo"] == {"n": 1}
+
+
+def test_draining_worker_closes_websockets_with_1001(start_server):
+    server = start_server("--app-dir", APPS, "--graceful-timeout", "1", "edge_asgi:app",
+                          workers=1)
+    with connect(url(server, "/ws"), open_timeout=TIMEOUT) as ws:
+        ws.send("before")
+        assert ws.recv(TIMEOUT) == "before"
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(TIMEOUT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert server.proc.wait(timeout=TIMEOUT) == 0
+
+
+def test_wsgi_app_answers_an_upgrade_as_plain_http(start_server):
+    server = start_server("cydispatch.bench.apps:hello_wsgi", workers=1)
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and b"Hello from Worker" in data
