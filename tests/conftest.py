@@ -7,9 +7,11 @@ test, even a failed one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,21 @@ def dispatch_server():
         yield server
     finally:
         server.stop()
+
+
+APPS = str(Path(__file__).parent / "apps")
+
+
+@contextlib.contextmanager
+def app_server(events: Path, *args: str, workers: int = 2):
+    """A server for one of tests/apps, whose app appends what it sees to `events`."""
+    events.unlink(missing_ok=True)
+    server = Server("--app-dir", APPS, *args, workers=workers,
+                    env={"APP_EVENTS": str(events)})
+    try:
+        server.wait_ready()
+        server.events = events
+        yield server
+    finally:
+        server.stop()
+        events.unlink(missing_ok=True)

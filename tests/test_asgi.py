@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from http_client import Connection
+from conftest import app_server
 from waiting import wait_until
 
 APPS = str(Path(__file__).parent / "apps")
@@ -23,20 +25,10 @@ def serve(start_server, app: str, *args: str, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def edge(request):
+def edge(tmp_path_factory):
     """One server for the raw ASGI app, shared by this module's tests."""
-    from conftest import Server
-    events = Path(request.config.rootpath) / ".pytest-app-events"
-    events.unlink(missing_ok=True)
-    server = Server("--app-dir", APPS, "edge_asgi:app", workers=2,
-                    env={"APP_EVENTS": str(events)})
-    try:
-        server.wait_ready()
-        server.events = events
+    with app_server(tmp_path_factory.mktemp("edge") / "events", "edge_asgi:app") as server:
         yield server
-    finally:
-        server.stop()
-        events.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -485,3 +477,74 @@ def test_a_worker_blocked_by_cpu_work_gets_no_new_connections(edge):
         assert blocker.response().body == b"/burn"
     assert burning not in served_by
     assert len(served_by) == 10
+
+
+# Found in review: each of these was a real failure once
+
+def test_each_pipelined_request_keeps_its_own_http_version(edge):
+    data = raw(edge, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /chunked HTTP/1.0\r\n\r\n")
+    first, _, second = data.partition(b"HTTP/1.1 200 OK")[2].partition(b"HTTP/1.1 200 OK")
+    assert b"Transfer-Encoding" not in second and second.endswith(b"one two three")
+
+
+def test_http10_keep_alive_then_http11(edge):
+    with connect(edge) as conn:
+        conn.send(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                  b"GET /chunked HTTP/1.1\r\nHost: t\r\n\r\nGET /after HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert conn.response().body == b"/a"
+        assert conn.response().body == b"one two three"
+        assert conn.response().body == b"/after"
+
+
+def test_a_stalled_body_the_app_ignored_times_out(start_server):
+    server = serve(start_server, "edge_asgi:app", "--keepalive-timeout", "1", workers=1)
+    with connect(server) as conn:
+        conn.send(b"POST /ignore-body HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n"
+                  + b"z" * 10)
+        assert conn.response().body == b"ignored"
+        started = time.monotonic()
+        assert conn.closed_by_server()
+    assert time.monotonic() - started < 10
+
+
+def test_the_app_sees_a_disconnect_with_a_request_queued_behind(edge):
+    with socket.create_connection((edge.host, edge.port), timeout=30) as sock:
+        sock.sendall(b"GET /wait-disconnect HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: events(edge).count("waiting") >= 1, message="the app to wait")
+        before = events(edge).count("http.disconnect")
+    wait_until(lambda: events(edge).count("http.disconnect") > before,
+               message="http.disconnect with a request queued")
+
+
+def test_bad_input_after_good_requests_answers_them_first(edge):
+    data = raw(edge, b"GET /sleep?s=0.2 HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"GET /x HTTP/1.1\r\nHost: t\r\n\r\nBLAH\x01 / HTTP/1.1\r\n\r\n")
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200", b"200", b"400"], data
+    assert data.index(b"/sleep") < data.index(b"\r\n\r\n/x")
+
+
+def test_chunked_trailers_are_not_request_headers(edge):
+    with connect(edge) as conn:
+        conn.send(b"POST /headers HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nX-Evil: 1\r\n\r\n")
+        body = conn.response().body
+    assert b"x-forwarded-for" not in body and b"x-evil" not in body
+    assert b"transfer-encoding" in body
+
+
+@pytest.mark.parametrize("path", ["/too-long", "/status-103", "/bad-length"])
+def test_app_framing_mistakes_are_500(edge, path):
+    data = raw(edge, f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    assert data.startswith(b"HTTP/1.1 500 "), data
+
+
+def test_client_that_never_reads_is_dropped_after_the_send_timeout(start_server, tmp_path):
+    events_file = tmp_path / "events"
+    server = serve(start_server, "edge_asgi:app", "--send-timeout", "1", workers=1,
+                   env={"APP_EVENTS": str(events_file)})
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /stream-forever HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: events_file.exists() and "stopped after" in events_file.read_text(),
+                   message="the app's send to fail")

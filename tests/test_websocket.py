@@ -11,6 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from conftest import app_server
 from waiting import wait_until
 
 APPS = str(Path(__file__).parent / "apps")
@@ -18,19 +19,10 @@ TIMEOUT = 30
 
 
 @pytest.fixture(scope="module")
-def edge(request):
-    from conftest import Server
-    events = Path(request.config.rootpath) / ".pytest-ws-events"
-    events.unlink(missing_ok=True)
-    server = Server("--app-dir", APPS, "--ws-max-size", "65536", "edge_asgi:app", workers=2,
-                    env={"APP_EVENTS": str(events)})
-    try:
-        server.wait_ready()
-        server.events = events
+def edge(tmp_path_factory):
+    """One server for the raw ASGI app, shared by this module's tests."""
+    with app_server(tmp_path_factory.mktemp("edge") / "events", "--ws-max-size", "65536", "edge_asgi:app") as server:
         yield server
-    finally:
-        server.stop()
-        events.unlink(missing_ok=True)
 
 
 def url(server, path: str) -> str:

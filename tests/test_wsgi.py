@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import uuid
 from pathlib import Path
@@ -108,3 +109,29 @@ def test_header_names_with_underscores_are_dropped(flask_server):
     environ = json.loads(request(flask_server, "/environ",
                                  headers={"X_Host": "evil"}).body)
     assert environ["HTTP_HOST"] == "test"
+
+
+def test_write_then_returning_a_list(start_server):
+    server = start_server("--app-dir", APPS, "wsgi_edge:app", workers=1)
+    assert request(server, "/write-then-list").body == b"hello world"
+
+
+def test_readline(start_server):
+    server = start_server("--app-dir", APPS, "wsgi_edge:app", workers=1)
+    body = request(server, "/readline", method="POST", body=b"first\nsecond\nthird").body
+    assert body == repr([b"first\n", b"seco", b"nd\n"]).encode()
+
+
+def test_stop_frees_a_thread_stuck_on_a_client_that_does_not_read(start_server, tmp_path):
+    events = tmp_path / "events"
+    server = start_server("--app-dir", APPS, "--graceful-timeout", "1", "wsgi_edge:app",
+                          workers=1, env={"APP_EVENTS": str(events)})
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /endless HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+        server.proc.send_signal(signal.SIGTERM)
+        # The worker exits on its own: its thread gave up and closed the iterable.
+        assert server.proc.wait(timeout=30) == 0
+    assert "endless closed" in events.read_text()
+    assert not server.find("Graceful timeout: killing")

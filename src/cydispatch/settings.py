@@ -242,6 +242,10 @@ class Settings:
         10.0, "a request's line and headers must arrive within this, counted "
         "from their first byte, however slowly they trickle in (slowloris)",
         parse=seconds, check=positive, metavar="SECONDS")
+    send_timeout: float = option(
+        60.0, "a client that has not read any of its response for this long is "
+        "disconnected, freeing the app's send (and a WSGI thread)", parse=seconds,
+        check=positive, metavar="SECONDS")
     timeout: float = option(
         30.0, "watchdog: a worker whose event loop has not turned for this long "
         "(no heartbeat) is killed and replaced; it must exceed your longest "

@@ -31,6 +31,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from pyworker.flow import WriteFlow
 from pyworker.websocket import (
     WebSocketSession, handshake_bytes, is_websocket_upgrade, websocket_scope,
 )
@@ -42,6 +43,8 @@ log = logging.getLogger("cydispatch.worker")
 access_log = logging.getLogger("cydispatch.access")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+# Requests read ahead of the one running before reading pauses.
+PIPELINE_LIMIT = 4
 # Request body buffered for the app before reading pauses.
 BODY_HIGH_WATER = 64 * 1024
 # A body the app did not read is read and dropped, so that the next request
@@ -134,15 +137,16 @@ class AsgiConfig:
     """What every connection of a worker shares: the app and the settings it needs."""
 
     def __init__(self, app, settings, trust, state: dict | None,
-                 websockets: bool = True) -> None:
+                 native: bool = True) -> None:
         self.app = app
         self.root_path = settings.root_path
         self.root_path_bytes = settings.root_path.encode("ascii")
         self.trust = trust
         self.state = state
         self.access_log = settings.access_log
-        # WebSockets need an ASGI app; a WSGI app gets upgrades as plain requests.
-        self.websockets = websockets
+        # An ASGI app of the user's (not a WSGI one in its adapter): it gets
+        # WebSockets, and its steps stamp the worker busy (see `stamped`).
+        self.native = native
 
 
 class RequestCycle:
@@ -152,7 +156,7 @@ class RequestCycle:
         "protocol", "scope", "body", "body_size", "body_complete", "body_delivered",
         "discarded", "expect_continue", "waiter", "disconnected", "keep_alive",
         "response_started", "response_complete", "status", "headers", "chunked",
-        "content_length", "sent_bytes", "head", "head_sent", "response_bytes",
+        "content_length", "sent_bytes", "head", "head_sent", "response_bytes", "http11",
     )
 
     def __init__(self, protocol: AsgiProtocol, scope: dict, keep_alive: bool,
@@ -177,6 +181,7 @@ class RequestCycle:
         self.sent_bytes = 0
         self.head = scope["method"] == "HEAD"
         self.head_sent = False
+        self.http11 = scope["http_version"] == "1.1"
         self.response_bytes = 0
 
     # Fed by the protocol
@@ -276,6 +281,7 @@ class RequestCycle:
                 raise RuntimeError(f"the response body is longer than its "
                                    f"Content-Length ({self.content_length})")
             data = data + body if data else body
+        self.head_sent = True
         if data:
             protocol.transport.write(data)
             self.response_bytes += len(data)
@@ -287,14 +293,17 @@ class RequestCycle:
                 # The client would wait for the rest forever.
                 self.keep_alive = False
             self.wake()     # a receive() waiting for a disconnect returns
-        elif protocol.writing_paused:
-            await protocol.drain()
+        elif protocol.writes.paused:
+            await protocol.writes.drain()
             if self.disconnected:
                 raise ClientDisconnected("the client has gone")
 
     def build_head(self, body: bytes, more_body: bool) -> bytes:
         """Status line and headers, written together with the first body chunk."""
         protocol = self.protocol
+        if not isinstance(self.status, int) or not 200 <= self.status <= 999:
+            # 1xx answers are not final: a client would wait for another.
+            raise RuntimeError(f"invalid response status {self.status!r}")
         if protocol.queued_at is not None:
             # Off the worker's queue before the answer goes out: the client
             # may open its next connection before this worker runs again.
@@ -309,10 +318,9 @@ class RequestCycle:
             if kind is HEADER_PLAIN:
                 lines.append(line)
             elif kind is HEADER_LENGTH:
-                try:
-                    self.content_length = int(value)
-                except ValueError:
-                    raise RuntimeError(f"invalid Content-Length {value!r}") from None
+                if not value.isdigit():     # int() would take "+5", "1_0", " 5"
+                    raise RuntimeError(f"invalid Content-Length {value!r}")
+                self.content_length = int(value)
                 lines.append(line)
             elif kind is HEADER_CONNECTION:
                 # Written below, once.
@@ -336,16 +344,15 @@ class RequestCycle:
                 lines.append(b"Content-Length: %d\r\n" % len(body))
             elif self.head:
                 pass    # nothing follows, and its length is unknown
-            elif protocol.http11:
+            elif self.http11:
                 self.chunked = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 self.keep_alive = False     # HTTP/1.0: the end is the close
         if protocol.close_after:
             self.keep_alive = False
-        lines.append(KEEP_ALIVE_HEADER[protocol.http11, self.keep_alive])
+        lines.append(KEEP_ALIVE_HEADER[self.http11, self.keep_alive])
         lines.append(b"\r\n")
-        self.head_sent = True
         return b"".join(lines)
 
     # The request's task
@@ -355,7 +362,10 @@ class RequestCycle:
         server = protocol.server
         started = time.monotonic() if protocol.config.access_log else 0.0
         try:
-            await stamped(app(self.scope, self.receive, self.send), server.begin, server.end)
+            if protocol.config.native:
+                await stamped(app(self.scope, self.receive, self.send), server.begin, server.end)
+            else:
+                await app(self.scope, self.receive, self.send)
         except BaseException as exc:
             if self.disconnected or isinstance(exc, ClientDisconnected):
                 log.debug("request ended after the client went away: %r", exc)
@@ -433,10 +443,10 @@ class AsgiProtocol(asyncio.Protocol):
         self.closing = False
         self.close_after = server.draining
         self.reading_paused = False
-        self.writing_paused = False
-        self.drain_waiters: list[asyncio.Future] = []
+        self.writes = WriteFlow(self.loop)
+        # A status to answer once the requests ahead of bad input are answered.
+        self.rejected: int | None = None
         self.served = 0
-        self.http11: bool | None = None
         self.queued_at = queued_at
         self.websocket: tuple[dict, bytes] | None = None   # (scope, handshake) to upgrade
 
@@ -461,30 +471,17 @@ class AsgiProtocol(asyncio.Protocol):
             if cycle is not None:
                 cycle.lose_connection()
         self.pipeline.clear()
-        self.wake_drain_waiters()
+        self.writes.lose()
         if self.queued_at is not None:
             self.dequeue()
         self.server.connection_closed(self)
         self.parser = None
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
+        self.writes.pause(self.server.now)
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        self.wake_drain_waiters()
-
-    def wake_drain_waiters(self) -> None:
-        waiters, self.drain_waiters = self.drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def drain(self) -> None:
-        if self.writing_paused and not self.closing:
-            waiter = self.loop.create_future()
-            self.drain_waiters.append(waiter)
-            await waiter
+        self.writes.resume()
 
     def pause_reading(self) -> None:
         if not self.reading_paused and not self.closing:
@@ -492,14 +489,15 @@ class AsgiProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.reading_paused and not self.closing and not self.pipeline:
+        if self.reading_paused and not self.closing and len(self.pipeline) < PIPELINE_LIMIT \
+                and self.rejected is None:
             parsing = self.parsing
             if parsing is None or parsing.body_size <= BODY_HIGH_WATER:
                 self.reading_paused = False
                 self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.parser is None:
             return
         server = self.server
         server.begin()
@@ -545,6 +543,8 @@ class AsgiProtocol(asyncio.Protocol):
             raise RequestRejected(431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.parsing is not None:
+            return      # a chunked body's trailer: never a request header
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
             raise RequestRejected(431)
@@ -555,11 +555,8 @@ class AsgiProtocol(asyncio.Protocol):
         config = self.config
         self.head_since = 0
         self.head_seen = 0
-        http11 = self.http11
-        if http11 is None:
-            # httptools builds a new string per call; a client does not
-            # change its HTTP version between requests on one connection.
-            self.http11 = http11 = parser.get_http_version() == "1.1"
+        # Read per request: each pipelined request says its own version.
+        http11 = parser.get_http_version() == "1.1"
         url = self.url
         if url[:1] == b"/":
             raw_path, _, query = url.partition(b"?")
@@ -605,7 +602,7 @@ class AsgiProtocol(asyncio.Protocol):
             scope["state"] = config.state.copy()
         keep_alive = parser.should_keep_alive() and not self.close_after
         if parser.should_upgrade():
-            if config.websockets and is_websocket_upgrade(headers):
+            if config.native and is_websocket_upgrade(headers):
                 self.websocket = websocket_scope(scope), handshake_bytes(method, url, headers)
                 return
             # Another protocol (h2c), or a WSGI app: served as a plain request,
@@ -617,7 +614,10 @@ class AsgiProtocol(asyncio.Protocol):
             self.start(cycle)
         else:
             self.pipeline.append(cycle)
-            self.pause_reading()
+            if len(self.pipeline) >= PIPELINE_LIMIT:
+                # Enough read ahead.  Below this, reading goes on, so a
+                # client that leaves is seen by the request it waits for.
+                self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         self.parsing.feed_body(body)
@@ -661,6 +661,11 @@ class AsgiProtocol(asyncio.Protocol):
         if not cycle.keep_alive or not cycle.response_complete:
             self.close()
             return
+        if cycle.expect_continue and not cycle.body_complete:
+            # Answered without the body, and without a 100 Continue: the client
+            # may or may not send it, so what follows cannot be parsed.
+            self.close()
+            return
         if not cycle.body_complete and cycle.discarded + cycle.body_size > MAX_DISCARDED_BODY_BYTES:
             self.close()
             return
@@ -671,22 +676,41 @@ class AsgiProtocol(asyncio.Protocol):
         self.cycle = None
         if self.pipeline:
             self.start(self.pipeline.popleft())
+        elif self.rejected is not None:
+            self.transport.write(error_response(self.rejected, False,
+                                                self.server.responses.date_header))
+            self.close()
+            return
         elif self.close_after and self.parsing is None:
             self.close()
             return
         self.resume_reading()
 
     def reject(self, status: int) -> None:
-        """Answer input that cannot be served, then close."""
-        if self.closing:
+        """Answer input that cannot be served, then close.
+
+        Requests read before the bad input are still answered, in order; the
+        error comes after them.  A request whose own body is malformed is
+        void: its app answers nobody.
+        """
+        if self.closing or self.rejected is not None:
             return
-        cycle = self.cycle
-        if cycle is None or cycle.response_complete or not cycle.head_sent:
-            # The request the app may be running is void: it answers nobody.
-            if cycle is not None:
-                cycle.lose_connection()
-            self.transport.write(error_response(status, False,
-                                                self.server.responses.date_header))
+        self.parser = None      # nothing more is parsed on this connection
+        bad = self.parsing
+        if bad is not None:
+            self.parsing = None
+            bad.lose_connection()
+            if bad in self.pipeline:
+                self.pipeline.remove(bad)
+            elif bad is self.cycle and bad.head_sent:
+                self.close()    # its response cannot be finished
+                return
+        running = self.cycle if self.cycle is not bad else None
+        if running is not None or self.pipeline:
+            self.rejected = status
+            self.pause_reading()
+            return
+        self.transport.write(error_response(status, False, self.server.responses.date_header))
         self.close()
 
     def close(self) -> None:
@@ -708,14 +732,19 @@ class AsgiProtocol(asyncio.Protocol):
                 and self.served and self.head_since == 0:
             self.close()
 
-    def check_timeouts(self, now: float, idle_cutoff: float, head_cutoff: float) -> None:
+    def check_timeouts(self, now: float, idle_cutoff: float, head_cutoff: float,
+                       send_cutoff: float) -> None:
         if self.closing:
             return
-        if self.head_since and self.head_since < head_cutoff and self.parsing is None:
+        if self.writes.stalled(send_cutoff):
+            # The client stopped reading its response: free the app's send().
+            self.transport.abort()
+        elif self.head_since and self.head_since < head_cutoff and self.parsing is None:
             # Its request line and headers have been trickling in too long.
             self.reject(408)
         elif self.last_active < idle_cutoff and self.head_since == 0 and (
-                (self.cycle is None and self.parsing is None)
+                self.cycle is None
                 or (self.parsing is not None and self.parsing.waiter is not None)):
-            # Idle between requests, or the app waits for a body that stalled.
+            # Idle between requests, a body stalled while the app waits for
+            # it, or one the app did not want stalled while it is dropped.
             self.close()

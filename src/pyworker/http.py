@@ -280,7 +280,8 @@ class HttpProtocol(asyncio.Protocol):
                 and not self.in_body):
             self.close()
 
-    def check_timeouts(self, now: float, idle_cutoff: float, head_cutoff: float) -> None:
+    def check_timeouts(self, now: float, idle_cutoff: float, head_cutoff: float,
+                       send_cutoff: float) -> None:
         """Once a tick: close a connection idle too long, answer 408 to a head too slow."""
         if self.closing:
             return

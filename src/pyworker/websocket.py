@@ -26,6 +26,8 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from pyworker.flow import WriteFlow
+
 log = logging.getLogger("cydispatch.worker")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
@@ -63,8 +65,7 @@ class WebSocketSession(asyncio.Protocol):
         self.closed = False          # the app is done, or the connection is gone
         self.lost = False
         self.reading_paused = False
-        self.writing_paused = False
-        self.drain_waiters: list[asyncio.Future] = []
+        self.writes = WriteFlow(self.loop)
         self.fragments: list[bytes] = []
         self.fragment_text = False
         self.close_timer: asyncio.TimerHandle | None = None
@@ -89,23 +90,16 @@ class WebSocketSession(asyncio.Protocol):
         self.push({"type": "websocket.disconnect",
                    "code": received.code if received else ABNORMAL_CLOSURE,
                    "reason": received.reason if received else ""})
-        self.wake_drain_waiters()
+        self.writes.lose()
         if self.close_timer is not None:
             self.close_timer.cancel()
         self.server.connection_closed(self)
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
+        self.writes.pause(self.server.now)
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
-        self.wake_drain_waiters()
-
-    def wake_drain_waiters(self) -> None:
-        waiters, self.drain_waiters = self.drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.writes.resume()
 
     def data_received(self, data: bytes) -> None:
         server = self.server
@@ -212,18 +206,12 @@ class WebSocketSession(asyncio.Protocol):
             else:
                 self.conn.send_binary(message.get("bytes") or b"")
             self.flush()
-            if self.writing_paused:
-                await self.drain()
+            if self.writes.paused:
+                await self.writes.drain()
         elif kind == "websocket.close":
             self.close(message.get("code") or 1000, message.get("reason") or "")
         else:
             raise RuntimeError(f"unexpected {kind!r} on an open WebSocket")
-
-    async def drain(self) -> None:
-        if self.writing_paused and not self.lost:
-            waiter = self.loop.create_future()
-            self.drain_waiters.append(waiter)
-            await waiter
 
     def accept(self, message: dict) -> None:
         response = self.conn.accept(self.request)
@@ -301,8 +289,12 @@ class WebSocketSession(asyncio.Protocol):
             if not self.transport.is_closing():
                 self.transport.close()
 
-    def check_timeouts(self, now: float, idle_cutoff: float, head_cutoff: float) -> None:
-        pass    # an open WebSocket may stay idle; its app decides
+    def check_timeouts(self, now: float, idle_cutoff: float, head_cutoff: float,
+                       send_cutoff: float) -> None:
+        # An open WebSocket may stay idle (its app decides), but a client that
+        # stopped reading must not hold the app's send() forever.
+        if not self.lost and self.writes.stalled(send_cutoff):
+            self.transport.abort()
 
 
 def handshake_bytes(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:

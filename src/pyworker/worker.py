@@ -97,6 +97,7 @@ class Worker:
         self.server: asyncio.AbstractServer | None = None
         self.lifespan: Lifespan | None = None
         self.wsgi_app = None
+        self.saturated = False
         self.new_connection = self.serve_builtin_app()
         if self.settings.app:
             self.new_connection = self.serve_user_app()
@@ -117,8 +118,10 @@ class Worker:
         from pyworker.asgi import AsgiConfig, AsgiProtocol
         from pyworker.proxy import ProxyTrust
         state = self.lifespan.state if self.lifespan is not None else None
+        # A WSGI app runs in threads: the loop is never blocked by it, and
+        # busy means every thread is (see all_threads_busy).
         config = AsgiConfig(app, self.settings, ProxyTrust(self.settings), state,
-                            websockets=interface == "asgi")
+                            native=interface == "asgi")
         log.debug("Worker %d serves %s (%s)", os.getpid(), self.settings.app, interface)
         return lambda queued_at=None: AsgiProtocol(self, config, queued_at)
 
@@ -134,7 +137,8 @@ class Worker:
         self.begin = self.channel.begin
         self.end = self.channel.end
         if self.wsgi_app is not None:
-            self.wsgi_app.watch_load(self.begin, self.end)
+            self.wsgi_app.watch_load(self.all_threads_busy)
+            self.end = self.end_unless_saturated
         os.close(spec.load_fd)   # mapped; the fd itself is not needed
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -162,6 +166,8 @@ class Worker:
                 loop.run_until_complete(self.lifespan.shutdown(
                     max(self.drain_deadline - time.monotonic(), LIFESPAN_SHUTDOWN_MIN)))
         finally:
+            if self.wsgi_app is not None:
+                self.wsgi_app.stop()
             self.channel.close()
         return 0
 
@@ -222,6 +228,21 @@ class Worker:
         if self.draining:
             self.exit_if_done()
 
+    # A WSGI app's threads all busy: the worker reads as busy to the primary
+    # (the stamp of WorkerChannel.begin) until one is free, whatever the
+    # event loop's own callbacks do meanwhile.
+
+    def all_threads_busy(self, busy: bool) -> None:
+        self.saturated = busy
+        if busy:
+            self.channel.begin()
+        else:
+            self.channel.end()
+
+    def end_unless_saturated(self) -> None:
+        if not self.saturated:
+            self.channel.end()
+
     def connection_replaced(self, old, new) -> None:
         """The connection now speaks another protocol (a WebSocket): still one connection."""
         self.connections.discard(old)
@@ -277,8 +298,9 @@ class Worker:
         # connection is closed before it has been idle for the full timeout.
         idle_cutoff = self.now - self.settings.keepalive_timeout - TICK_SECONDS
         head_cutoff = self.now - self.settings.header_timeout - TICK_SECONDS
+        send_cutoff = self.now - self.settings.send_timeout - TICK_SECONDS
         for protocol in list(self.connections):
-            protocol.check_timeouts(self.now, idle_cutoff, head_cutoff)
+            protocol.check_timeouts(self.now, idle_cutoff, head_cutoff, send_cutoff)
         self.loop.call_later(TICK_SECONDS, self.tick)
 
     def graceful_timeout_expired(self) -> None:

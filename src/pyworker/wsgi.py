@@ -20,12 +20,14 @@ import concurrent.futures
 import io
 import logging
 import sys
-import threading
 
 from pyworker.asgi import ClientDisconnected
 
 log = logging.getLogger("cydispatch.worker")
 
+# A pool thread waiting on the event loop looks this often whether the worker
+# is stopping.
+THREAD_WAIT_SLICE = 0.5
 # Request headers WSGI has its own keys for.
 SPECIAL_HEADERS = {b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_LENGTH"}
 
@@ -33,9 +35,10 @@ SPECIAL_HEADERS = {b"content-type": "CONTENT_TYPE", b"content-length": "CONTENT_
 class InputStream(io.RawIOBase):
     """wsgi.input: the request body, fetched from the event loop as the app reads."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, receive, first: bytes,
+    def __init__(self, app: WsgiApp, loop: asyncio.AbstractEventLoop, receive, first: bytes,
                  more: bool) -> None:
         super().__init__()
+        self.app = app
         self.loop = loop
         self.receive = receive
         self.buffer = bytearray(first)
@@ -48,7 +51,7 @@ class InputStream(io.RawIOBase):
         """Fetch the next chunk into the buffer; False at the end of the body."""
         if not self.more:
             return False
-        message = asyncio.run_coroutine_threadsafe(self.receive(), self.loop).result()
+        message = self.app.on_loop(self.receive())
         if message["type"] == "http.disconnect":
             self.more = False
             raise ClientDisconnected("the client went away while sending the body")
@@ -156,8 +159,8 @@ def build_environ(scope: dict, root_path: str, body: InputStream, threads: int) 
 class WsgiRequest:
     """One request's trip through the WSGI app, from a pool thread."""
 
-    def __init__(self, loop, send, environ: dict) -> None:
-        self.loop = loop
+    def __init__(self, app: WsgiApp, send, environ: dict) -> None:
+        self.app = app
         self.send = send
         self.environ = environ
         self.status = 0
@@ -186,7 +189,7 @@ class WsgiRequest:
         """The legacy write() callable, and each chunk of a streamed response."""
         if not self.status:
             raise RuntimeError("the application wrote before calling start_response")
-        asyncio.run_coroutine_threadsafe(self.send_chunk(data, True), self.loop).result()
+        self.app.on_loop(self.send_chunk(data, True))
 
     async def send_chunk(self, data: bytes, more: bool) -> None:
         if not self.head_sent:
@@ -227,47 +230,65 @@ class WsgiApp:
         self.threads = settings.threads
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.threads, thread_name_prefix="wsgi")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+        # Counted on the event loop's thread only: no lock.
         self.busy_threads = 0
-        self.lock = threading.Lock()
-        self.begin = self.end = None
+        self.saturated = None     # called with True/False as every thread is busy or not
 
-    def watch_load(self, begin, end) -> None:
-        """Mark the worker busy (see WorkerChannel.begin) while every thread is."""
-        self.begin, self.end = begin, end
+    def watch_load(self, saturated) -> None:
+        """Tell `saturated` when every thread is busy, and when one is free again."""
+        self.saturated = saturated
 
-    def call(self, request: WsgiRequest):
-        with self.lock:
-            self.busy_threads += 1
-            if self.busy_threads == self.threads and self.begin is not None:
-                self.begin()
-        try:
-            return request.run(self.app)
-        finally:
-            with self.lock:
-                if self.busy_threads == self.threads and self.end is not None:
-                    self.end()
-                self.busy_threads -= 1
+    def on_loop(self, coro):
+        """Run `coro` on the event loop from a pool thread, and wait for its result.
+
+        The wait gives up once the worker stops: a loop that no longer turns
+        would leave the thread waiting forever, and the process unable to exit.
+        """
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        while True:
+            try:
+                return future.result(timeout=THREAD_WAIT_SLICE)
+            except concurrent.futures.TimeoutError:
+                if self.stopping:
+                    future.cancel()
+                    raise ClientDisconnected("the worker is stopping") from None
+
+    def stop(self) -> None:
+        """The loop has stopped: threads waiting on it give up; none start."""
+        self.stopping = True
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] != "http":
             raise RuntimeError(f"a WSGI application cannot serve {scope['type']!r}")
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         # The first chunk of the body is usually all of it, and here already:
         # taking it now spares the thread a round trip through the loop.
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-        body = InputStream(loop, receive, message.get("body", b""),
+        body = InputStream(self, loop, receive, message.get("body", b""),
                            message.get("more_body", False))
-        request = WsgiRequest(loop, send, build_environ(scope, self.root_path, body,
+        request = WsgiRequest(self, send, build_environ(scope, self.root_path, body,
                                                         self.threads))
-        whole = await loop.run_in_executor(self.executor, self.call, request)
-        if whole is not None:
+        self.busy_threads += 1
+        if self.busy_threads == self.threads and self.saturated is not None:
+            self.saturated(True)
+        try:
+            whole = await loop.run_in_executor(self.executor, request.run, self.app)
+        finally:
+            if self.busy_threads == self.threads and self.saturated is not None:
+                self.saturated(False)
+            self.busy_threads -= 1
+        if whole is None:
+            await request.send_chunk(b"", False)
+        elif request.head_sent:
+            # The app wrote part of its body with write(), then returned the rest.
+            await request.send_chunk(whole, False)
+        else:
             await send({"type": "http.response.start", "status": request.status,
                         "headers": request.headers})
             await send({"type": "http.response.body", "body": whole})
-        else:
-            await request.send_chunk(b"", False)
 
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -126,6 +126,24 @@ async def app(scope, receive, send):
         end = time.thread_time() + float(query.get("s", "1"))
         while time.thread_time() < end:
             pass
+    if path == "/headers":
+        await read_body(receive)
+        await start(send)
+        await send({"type": "http.response.body",
+                    "body": repr([name for name, _ in scope["headers"]]).encode()})
+        return
+    if path == "/too-long":
+        await start(send, headers=[(b"content-length", b"3")])
+        await send({"type": "http.response.body", "body": b"four"})
+        return
+    if path == "/status-103":
+        await start(send, status=103)
+        await send({"type": "http.response.body", "body": b"early"})
+        return
+    if path == "/bad-length":
+        await start(send, headers=[(b"content-length", b"+5")])
+        await send({"type": "http.response.body", "body": b"hello"})
+        return
     if path == "/sleep":
         await asyncio.sleep(float(query.get("s", "0.1")))
     if path == "/pid":

@@ -1,0 +1,32 @@
+"""A raw WSGI app whose routes each do one thing a server must cope with."""
+
+import os
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/write-then-list":
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"hello ")
+        return [b"world"]
+    if path == "/endless":
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return endless()
+    if path == "/readline":
+        stream = environ["wsgi.input"]
+        lines = [stream.readline(), stream.readline(4), stream.readline()]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [repr(lines).encode()]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"Hello from Worker %d" % os.getpid()]
+
+
+def endless():
+    try:
+        while True:
+            yield b"z" * 65536
+    finally:
+        path = os.environ.get("APP_EVENTS")
+        if path:
+            with open(path, "a") as events:
+                events.write("endless closed\n")
