@@ -548,3 +548,11 @@ def test_client_that_never_reads_is_dropped_after_the_send_timeout(start_server,
         sock.sendall(b"GET /stream-forever HTTP/1.1\r\nHost: t\r\n\r\n")
         wait_until(lambda: events_file.exists() and "stopped after" in events_file.read_text(),
                    message="the app's send to fail")
+
+
+def test_server_address_on_a_wildcard_bind_is_the_connections_own(start_server):
+    server = serve(start_server, "fastapi_app:app", "--host", "0.0.0.0", workers=1)
+    with Connection("127.0.0.1", server.port) as conn:
+        conn.request("/scope", headers={"Connection": "close"})
+        scope = json.loads(conn.response().body)
+    assert scope["server"] == ["127.0.0.1", server.port]

@@ -56,6 +56,10 @@ WRITE_LOW_WATER = 16 * 1024
 # Response headers the server writes unless the app did.
 NO_BODY_STATUSES = frozenset((204, 304)) | frozenset(range(100, 200))
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Request headers that need a second look once the head is complete.
+NOTED_FORWARDED, NOTED_EXPECT = 1, 2
+NOTED_HEADERS = {b"x-forwarded-for": NOTED_FORWARDED, b"x-forwarded-proto": NOTED_FORWARDED,
+                 b"x-forwarded-host": NOTED_FORWARDED, b"expect": NOTED_EXPECT}
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 # RFC 9110 token characters for names; values may not hold CR, LF or NUL.
 INVALID_HEADER_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
@@ -137,7 +141,7 @@ class AsgiConfig:
     """What every connection of a worker shares: the app and the settings it needs."""
 
     def __init__(self, app, settings, trust, state: dict | None,
-                 native: bool = True) -> None:
+                 native: bool = True, local: tuple | None = None) -> None:
         self.app = app
         self.root_path = settings.root_path
         self.root_path_bytes = settings.root_path.encode("ascii")
@@ -147,6 +151,9 @@ class AsgiConfig:
         # An ASGI app of the user's (not a WSGI one in its adapter): it gets
         # WebSockets, and its steps stamp the worker busy (see `stamped`).
         self.native = native
+        # The listening address, when it is not a wildcard: every
+        # connection's `server`.  None: ask each connection.
+        self.local = local
 
 
 class RequestCycle:
@@ -437,6 +444,7 @@ class AsgiProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
+        self.noted = 0      # NOTED_* flags of the head being parsed
         self.head_seen = 0
         self.head_since = server.now    # when the head in progress began; 0: none
         self.last_active = server.now
@@ -457,9 +465,11 @@ class AsgiProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.parser = httptools.HttpRequestParser(self)
         peer = transport.get_extra_info("peername")
-        local = transport.get_extra_info("sockname")
         if isinstance(peer, tuple):
             self.client = (peer[0], peer[1])
+        # Every connection of a worker bound to one address has that address
+        # as its own: one getsockname() a connection saved.
+        local = self.config.local or transport.get_extra_info("sockname")
         if isinstance(local, tuple):
             self.local = (local[0], local[1])
         self.trusted_proxy = self.config.trust.trusts(self.client[0] if self.client else None)
@@ -529,13 +539,6 @@ class AsgiProtocol(asyncio.Protocol):
 
     # httptools callbacks
 
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.head_bytes = 0
-        if self.head_since == 0:
-            self.head_since = self.server.now
-
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_bytes += len(url)
@@ -548,7 +551,10 @@ class AsgiProtocol(asyncio.Protocol):
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_HEAD_BYTES:
             raise RequestRejected(431)
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        self.headers.append((name, value))
+        if name in NOTED_HEADERS:
+            self.noted |= NOTED_HEADERS[name]
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -575,15 +581,22 @@ class AsgiProtocol(asyncio.Protocol):
         headers = self.headers
         client, scheme = self.client, "http"
         host = None
-        if self.trusted_proxy:
+        noted = self.noted
+        if noted & NOTED_FORWARDED and self.trusted_proxy:
             client, scheme, host = config.trust.apply(headers, client, scheme)
             if host is not None:
                 headers = [(n, host if n == b"host" else v) for n, v in headers]
         expect_continue = False
-        if http11:
+        if noted & NOTED_EXPECT and http11:
             for name, value in headers:
                 if name == b"expect" and value.lower() == b"100-continue":
                     expect_continue = True
+        # Ready for the next request's head (httptools calls no callback at
+        # its start that is worth a Python call per request).
+        self.url = b""
+        self.headers = []
+        self.head_bytes = 0
+        self.noted = 0
         scope = {
             "type": "http",
             "asgi": ASGI_VERSION,

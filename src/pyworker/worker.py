@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import random
@@ -102,6 +103,13 @@ class Worker:
         if self.settings.app:
             self.new_connection = self.serve_user_app()
 
+    def listening_address(self) -> tuple[str, int] | None:
+        """(address, port) every connection arrives on, or None for a wildcard bind."""
+        sockaddr = resolve(self.settings.host, self.settings.port)[1]
+        if ipaddress.ip_address(sockaddr[0]).is_unspecified:
+            return None
+        return sockaddr[0], sockaddr[1]
+
     def serve_builtin_app(self):
         """A factory of protocols that serve the built-in app."""
         app = HelloApp()
@@ -121,7 +129,7 @@ class Worker:
         # A WSGI app runs in threads: the loop is never blocked by it, and
         # busy means every thread is (see all_threads_busy).
         config = AsgiConfig(app, self.settings, ProxyTrust(self.settings), state,
-                            native=interface == "asgi")
+                            native=interface == "asgi", local=self.listening_address())
         log.debug("Worker %d serves %s (%s)", os.getpid(), self.settings.app, interface)
         return lambda queued_at=None: AsgiProtocol(self, config, queued_at)
 
