@@ -556,3 +556,18 @@ def test_server_address_on_a_wildcard_bind_is_the_connections_own(start_server):
         conn.request("/scope", headers={"Connection": "close"})
         scope = json.loads(conn.response().body)
     assert scope["server"] == ["127.0.0.1", server.port]
+
+
+def test_a_worker_whose_app_only_waits_is_not_busy(start_server, tmp_path):
+    # Round-robin skips only busy workers: one whose request awaits (a slow
+    # database, say) keeps getting its turn, as its loop is free.
+    events_file = tmp_path / "events"
+    server = serve(start_server, "edge_asgi:app", "--policy", "round-robin",
+                   env={"APP_EVENTS": str(events_file)})
+    with connect(server) as sleeper:
+        sleeper.request("/sleep?s=3")
+        wait_until(lambda: events_file.exists() and "sleeping" in events_file.read_text(),
+                   message="the app to start waiting")
+        served_by = {int(request(server, "/pid").body) for _ in range(10)}
+        assert sleeper.response().body == b"/sleep"
+    assert served_by == server.worker_pids()

@@ -1,6 +1,10 @@
 """What Python sees of the compiled dispatcher (src/dispatch.pyx)."""
 
 import enum
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 POLICIES: tuple[str, ...]
 
@@ -69,6 +73,8 @@ class WorkerChannel:
     def dequeue(self) -> None: ...
     def begin(self) -> None: ...
     def end(self) -> None: ...
+    def stamped(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        """`coro`, with begin() and end() around each of its steps."""
     @property
     def queued(self) -> int: ...
     def flush(self) -> bool: ...

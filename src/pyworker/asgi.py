@@ -25,7 +25,6 @@ import collections
 import logging
 import re
 import time
-import types
 from http import HTTPStatus
 from urllib.parse import unquote
 
@@ -108,35 +107,6 @@ def error_response(status: int, keep_alive: bool, date_header: bytes) -> bytes:
         b"" if keep_alive else b"Connection: close\r\n", b"\r\n", body))
 
 
-@types.coroutine
-def stamped(coro, begin, end):
-    """Drive `coro` as its task would, marking the worker busy while its code runs.
-
-    The primary gives no new connection to a worker that has been inside one
-    stretch of request code for long (a CPU-bound handler blocks the loop);
-    the stamp covers each step of the app, not the time it spends waiting.
-    """
-    value = None
-    error = None
-    while True:
-        begin()
-        try:
-            if error is None:
-                yielded = coro.send(value)
-            else:
-                yielded = coro.throw(error)
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            end()
-        try:
-            value = yield yielded
-            error = None
-        except BaseException as exc:
-            value = None
-            error = exc
-
-
 class AsgiConfig:
     """What every connection of a worker shares: the app and the settings it needs."""
 
@@ -149,7 +119,7 @@ class AsgiConfig:
         self.state = state
         self.access_log = settings.access_log
         # An ASGI app of the user's (not a WSGI one in its adapter): it gets
-        # WebSockets, and its steps stamp the worker busy (see `stamped`).
+        # WebSockets, and its steps stamp the worker busy (WorkerChannel.stamped).
         self.native = native
         # The listening address, when it is not a wildcard: every
         # connection's `server`.  None: ask each connection.
@@ -167,7 +137,7 @@ class RequestCycle:
     )
 
     def __init__(self, protocol: AsgiProtocol, scope: dict, keep_alive: bool,
-                 expect_continue: bool) -> None:
+                 expect_continue: bool, http11: bool) -> None:
         self.protocol = protocol
         self.scope = scope
         self.body: list[bytes] = []
@@ -188,7 +158,7 @@ class RequestCycle:
         self.sent_bytes = 0
         self.head = scope["method"] == "HEAD"
         self.head_sent = False
-        self.http11 = scope["http_version"] == "1.1"
+        self.http11 = http11
         self.response_bytes = 0
 
     # Fed by the protocol
@@ -370,7 +340,9 @@ class RequestCycle:
         started = time.monotonic() if protocol.config.access_log else 0.0
         try:
             if protocol.config.native:
-                await stamped(app(self.scope, self.receive, self.send), server.begin, server.end)
+                # Busy while the app's code runs (a CPU-bound handler blocks the
+                # loop): the primary then gives this worker no new connection.
+                await server.stamped(app(self.scope, self.receive, self.send))
             else:
                 await app(self.scope, self.receive, self.send)
         except BaseException as exc:
@@ -621,7 +593,7 @@ class AsgiProtocol(asyncio.Protocol):
             # Another protocol (h2c), or a WSGI app: served as a plain request,
             # after which httptools reads no more from this connection.
             keep_alive = False
-        cycle = RequestCycle(self, scope, keep_alive, expect_continue)
+        cycle = RequestCycle(self, scope, keep_alive, expect_continue, http11)
         self.parsing = cycle
         if self.cycle is None:
             self.start(cycle)

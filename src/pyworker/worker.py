@@ -144,6 +144,7 @@ class Worker:
         # Called around every request's callbacks (HttpProtocol): bound once.
         self.begin = self.channel.begin
         self.end = self.channel.end
+        self.stamped = self.channel.stamped
         if self.wsgi_app is not None:
             self.wsgi_app.watch_load(self.all_threads_busy)
             self.end = self.end_unless_saturated

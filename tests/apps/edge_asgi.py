@@ -145,6 +145,7 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body", "body": b"hello"})
         return
     if path == "/sleep":
+        record(f"sleeping {os.getpid()}")
         await asyncio.sleep(float(query.get("s", "0.1")))
     if path == "/pid":
         await start(send)
