@@ -571,3 +571,17 @@ def test_a_worker_whose_app_only_waits_is_not_busy(start_server, tmp_path):
         served_by = {int(request(server, "/pid").body) for _ in range(10)}
         assert sleeper.response().body == b"/sleep"
     assert served_by == server.worker_pids()
+
+
+def test_sigterm_under_load_answers_every_request_sent_before_it(start_server):
+    from load_client import LoadClient, summary
+    server = serve(start_server, "fastapi_app:app")
+    with LoadClient(server.host, server.port, path="/sleep?ms=50", threads=6) as load:
+        wait_until(lambda: load.count("ok") >= 20, message="20 requests served")
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+    outcomes = load.results()
+    sent_before = [o for o in outcomes if o.sent is not None and o.sent < signalled]
+    assert sent_before and all(o.kind == "ok" for o in sent_before), summary(sent_before)
+    assert not [o for o in outcomes if o.kind in ("truncated", "error")], summary(outcomes)
