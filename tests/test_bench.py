@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -164,3 +165,15 @@ def test_bench_app_errors_are_one_line(tmp_path, args, words):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_peer_that_is_not_installed(tmp_path):
+    # A stand-in that fails to import, as a missing package does.
+    (tmp_path / "granian.py").write_text("raise ImportError('not here')\n")
+    result = subprocess.run(
+        [CYDISPATCH, "bench", "--app", "cydispatch.bench.apps:hello", "--peers", "granian",
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("cydispatch: error: --peers: granian is not installed "
+                                     "(pip install '.[bench]' installs the peers)")

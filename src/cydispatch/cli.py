@@ -212,15 +212,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def peer_list(text: str) -> tuple[str, ...]:
-    from cydispatch.bench.peers import missing
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     for name in names:
         if name not in PEERS:
             raise argparse.ArgumentTypeError(
                 f"{name!r} is not one of {', '.join(PEERS)}")
-        why = missing(name)
-        if why:
-            raise argparse.ArgumentTypeError(why)
     return names
 
 
@@ -250,6 +246,11 @@ def run_bench(args: argparse.Namespace) -> int:
             print("cydispatch: error: --peers needs --app (the peers cannot serve the "
                   "built-in app)", file=sys.stderr)
             return USAGE_ERROR
+        from cydispatch.bench.peers import missing
+        for peer in args.peers:
+            if why := missing(peer):
+                print(f"cydispatch: error: --peers: {why}", file=sys.stderr)
+                return USAGE_ERROR
         try:
             interface = bench_app_interface(args)
         except ValueError as exc:
