@@ -106,9 +106,12 @@ def test_bad_arguments(args, words):
 def test_bad_environment_variable():
     result = run("serve", env={"CYDISPATCH_WORKERS": "0"})
     assert result.returncode == 2
-    assert_one_line_error(result, "must be at least 1")
+    assert_one_line_error(result, "CYDISPATCH_WORKERS: must be at least 1, not 0")
     result = run("serve", env={"CYDISPATCH_MODE": "magic"})
-    assert_one_line_error(result, "--mode must be one of dispatch, reuseport, shared, not 'magic'")
+    assert_one_line_error(result,
+                          "CYDISPATCH_MODE: must be one of dispatch, reuseport, shared, not 'magic'")
+    result = run("serve", env={"CYDISPATCH_APP": "nocolon"})
+    assert_one_line_error(result, "CYDISPATCH_APP: 'nocolon' is not MODULE:ATTRIBUTE")
     result = run("serve", env={"CYDISPATCH_NO_PIN": "maybe"})
     assert_one_line_error(result, "CYDISPATCH_NO_PIN: 'maybe' is not one of")
 

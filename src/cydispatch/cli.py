@@ -117,7 +117,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             else field.metadata["parse"]
         try:
             value = parse(text)
+            field.metadata["check"](value)
         except ValueError as exc:
+            # Named after the variable: that is where the user must look.
             raise ValueError(f"{name}: {exc}") from None
         values[field.name] = (not value) if invert else value
     return Settings(**values)
