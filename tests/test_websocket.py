@@ -148,3 +148,49 @@ def test_wsgi_app_answers_an_upgrade_as_plain_http(start_server):
         while chunk := sock.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 ") and b"Hello from Worker" in data
+
+
+HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+# A masked ping with the payload "p" (mask 0).
+PING = b"\x89\x81\x00\x00\x00\x00p"
+
+
+def test_frames_right_behind_the_handshake_wait_for_the_101(edge):
+    with socket.create_connection((edge.host, edge.port), timeout=TIMEOUT) as sock:
+        sock.sendall(HANDSHAKE + PING)
+        data = b""
+        while b"\x8a\x01p" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 101 ")
+    assert data.index(b"\r\n\r\n") < data.index(b"\x8a\x01p")
+
+
+@pytest.mark.parametrize("bad, status", [
+    (b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"),
+    (b"dGhlIHNhbXBsZSBub25jZQ==", b"short"),
+])
+def test_a_bad_handshake_is_refused_without_bothering_the_app(edge, bad, status):
+    app_errors = len(edge.find("exception in the application"))
+    with socket.create_connection((edge.host, edge.port), timeout=TIMEOUT) as sock:
+        sock.sendall(HANDSHAKE.replace(bad, status))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 426 ")), data
+    assert len(edge.find("exception in the application")) == app_errors
+
+
+def test_an_app_that_keeps_sending_after_the_client_closed_gets_an_oserror(start_server,
+                                                                         tmp_path):
+    events_file = tmp_path / "events"
+    server = start_server("--app-dir", APPS, "--log-level", "debug", "edge_asgi:app",
+                          workers=1, env={"APP_EVENTS": str(events_file)})
+    with connect(url(server, "/ws-spam"), open_timeout=TIMEOUT) as ws:
+        assert ws.recv(TIMEOUT) == "spam"
+    # The worker's verdict on how the app ended is logged either way: wait for it.
+    server.wait_for_log(r"WebSocket app ended on a closed connection|exception in the application")
+    assert "spam stopped by ConnectionResetError" in events_file.read_text()
+    assert not server.find("exception in the application")

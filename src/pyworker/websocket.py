@@ -32,6 +32,8 @@ log = logging.getLogger("cydispatch.worker")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 INBOX_LIMIT = 16
+# Bytes held back while the app decides whether to accept; reading pauses beyond.
+HELD_LIMIT = 64 * 1024
 # After our close frame, how long the client has to answer with its own.
 CLOSE_TIMEOUT = 5.0
 GOING_AWAY = 1001
@@ -74,12 +76,22 @@ class WebSocketSession(asyncio.Protocol):
         self.queued_at = None
         self.closing = False
         self.task: asyncio.Task | None = None
+        self.response = None
+        # Bytes that arrive before the app accepts (None once it has).
+        self.held: list[bytes] | None = []
+        self.held_bytes = 0
 
     def take_over(self, transport, rest: bytes) -> None:
         """Become the transport's protocol; `rest` arrived after the handshake."""
         self.transport = transport
         transport.set_protocol(self)
-        self.data_received(self.handshake + rest)
+        # Frames sent right behind the handshake wait until the app has
+        # accepted: websockets would answer a ping before our 101 went out.
+        self.held = [rest] if rest else []
+        self.data_received(self.handshake)
+        self.held_bytes = len(rest)
+        if self.held_bytes > HELD_LIMIT:
+            self.pause_for_app()
 
     # asyncio.Protocol
 
@@ -102,6 +114,12 @@ class WebSocketSession(asyncio.Protocol):
         self.writes.resume()
 
     def data_received(self, data: bytes) -> None:
+        if self.held is not None and self.request is not None:
+            self.held.append(data)
+            self.held_bytes += len(data)
+            if self.held_bytes > HELD_LIMIT:
+                self.pause_for_app()
+            return
         server = self.server
         server.begin()
         try:
@@ -125,6 +143,16 @@ class WebSocketSession(asyncio.Protocol):
 
     def connect(self, request: Request) -> None:
         self.request = request
+        self.response = self.conn.accept(request)
+        if self.response.status_code != 101:
+            # Not a valid handshake (a bad key, version or method): websockets'
+            # answer says why, and the app never hears of it.
+            self.conn.send_response(self.response)
+            self.held = None
+            self.closed = True
+            self.flush()
+            self.transport.close()
+            return
         subprotocols = []
         for value in request.headers.get_all("Sec-WebSocket-Protocol"):
             subprotocols += [token.strip() for token in value.split(",") if token.strip()]
@@ -188,7 +216,9 @@ class WebSocketSession(asyncio.Protocol):
 
     async def send(self, message: dict) -> None:
         kind = message["type"]
-        if self.lost or self.closed:
+        if self.lost or self.closed or (self.accepted and self.conn.state is not State.OPEN):
+            # Closing (the client's close frame arrived, or the app sent its
+            # own): nothing more can be sent (ASGI: an OSError).
             raise ConnectionResetError("the WebSocket is closed")
         if not self.accepted:
             if kind == "websocket.accept":
@@ -214,14 +244,7 @@ class WebSocketSession(asyncio.Protocol):
             raise RuntimeError(f"unexpected {kind!r} on an open WebSocket")
 
     def accept(self, message: dict) -> None:
-        response = self.conn.accept(self.request)
-        if response.status_code != 101:
-            # Not a valid handshake: websockets' answer says why.
-            self.conn.send_response(response)
-            self.flush()
-            self.closed = True
-            self.transport.close()
-            raise ConnectionResetError(f"invalid WebSocket handshake ({response.status_code})")
+        response = self.response
         subprotocol = message.get("subprotocol")
         if subprotocol:
             response.headers["Sec-WebSocket-Protocol"] = subprotocol
@@ -232,8 +255,20 @@ class WebSocketSession(asyncio.Protocol):
         self.accepted = True
         if self.queued_at is not None:
             self.dequeue()
+        held, self.held = b"".join(self.held), None
+        if self.reading_paused and len(self.inbox) < INBOX_LIMIT:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if held:
+            self.data_received(held)
+
+    def pause_for_app(self) -> None:
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     def deny(self, status: int, text: str) -> None:
+        self.held = None
         self.conn.send_response(self.conn.reject(status, text))
         self.flush()
         self.closed = True
@@ -252,7 +287,10 @@ class WebSocketSession(asyncio.Protocol):
         try:
             await self.config.app(self.scope, self.receive, self.send)
         except BaseException as exc:
-            if not self.lost:
+            if isinstance(exc, ConnectionResetError) and \
+                    (self.lost or self.conn.state is not State.OPEN):
+                log.debug("WebSocket app ended on a closed connection: %r", exc)
+            elif not self.lost:
                 log.error("exception in the application on WebSocket %s",
                           self.scope["path"], exc_info=exc)
             if not self.lost and not self.closed:

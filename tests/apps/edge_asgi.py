@@ -42,6 +42,16 @@ async def websocket(scope, receive, send):
         raise RuntimeError("cannot take this socket")
     protocols = scope["subprotocols"]
     await send({"type": "websocket.accept", "subprotocol": protocols[0] if protocols else None})
+    if path == "/ws-spam":
+        sent = 0
+        try:
+            while True:
+                await send({"type": "websocket.send", "text": "spam"})
+                sent += 1
+                await asyncio.sleep(0)
+        except OSError as exc:
+            record(f"spam stopped by {type(exc).__name__}")
+            raise
     if path == "/ws-close":
         await send({"type": "websocket.close", "code": 4001, "reason": "done here"})
         return
