@@ -939,6 +939,7 @@ cdef class WorkerChannel:
         ReportMessage ack
         bint state_waiting
         HandoffControl control
+        bint busy_held          # hold_busy(): begin/end leave the stamp alone
 
     def __cinit__(self, int fd, int load_fd=-1):
         self.fd = -1
@@ -983,12 +984,23 @@ cdef class WorkerChannel:
 
     def begin(self):
         """The worker enters a request's callbacks (see LoadPage.busy_since)."""
-        atomic_store_u32(&self.page.busy_since, clock_us())
+        self._begin()
 
     def end(self):
         """...and leaves them: the primary may be waiting for that."""
-        atomic_store_u32(&self.page.busy_since, 0)
-        self._nudge_if_asked()
+        self._end()
+
+    def hold_busy(self, bint held):
+        """Read as busy until released, whatever begin() and end() say meanwhile.
+
+        For work that does not block the event loop but fills the worker all
+        the same: a WSGI app with every thread of its pool taken.
+        """
+        self.busy_held = held
+        if held:
+            atomic_store_u32(&self.page.busy_since, clock_us())
+        else:
+            self._end()
 
     def stamped(self, coro):
         """`coro`, driven step by step with begin() and end() around each step.
@@ -1004,11 +1016,13 @@ cdef class WorkerChannel:
         self._nudge_if_asked()
 
     cdef inline void _begin(self) noexcept:
-        atomic_store_u32(&self.page.busy_since, clock_us())
+        if not self.busy_held:
+            atomic_store_u32(&self.page.busy_since, clock_us())
 
     cdef inline void _end(self) noexcept:
-        atomic_store_u32(&self.page.busy_since, 0)
-        self._nudge_if_asked()
+        if not self.busy_held:
+            atomic_store_u32(&self.page.busy_since, 0)
+            self._nudge_if_asked()
 
     cdef void _nudge_if_asked(self) noexcept:
         # The primary waits for room here (see LoadPage): wake it.

@@ -135,3 +135,18 @@ def test_stop_frees_a_thread_stuck_on_a_client_that_does_not_read(start_server, 
         assert server.proc.wait(timeout=30) == 0
     assert "endless closed" in events.read_text()
     assert not server.find("Graceful timeout: killing")
+
+
+def test_a_worker_whose_threads_are_all_busy_gets_no_new_connections(start_server, tmp_path):
+    # Round-robin skips only busy workers; one thread each, and one blocked.
+    from waiting import wait_until
+    events = tmp_path / "events"
+    server = start_server("--app-dir", APPS, "--threads", "1", "--policy", "round-robin",
+                          "wsgi_edge:app", env={"APP_EVENTS": str(events)})
+    with Connection(server.host, server.port) as sleeper:
+        sleeper.request("/sleep")
+        busy = int(wait_until(lambda: events.exists() and events.read_text().split(),
+                              message="the app to sleep")[1])
+        served_by = [int(request(server, "/pid").body) for _ in range(8)]
+        assert sleeper.response().status == 200
+    assert busy not in served_by and len(set(served_by)) == 1

@@ -83,7 +83,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                       metavar=meta["metavar"], default=None)
         if meta["choices"]:
             kwargs.update(choices=meta["choices"], metavar=None, type=str)
-        shown = "auto" if field.name == "queue_depth" and default == 0 else default
+        shown = meta["shown"] or default
         if not meta["help"].endswith(")") and shown != "":
             help_text += f" (default: {shown})"
         if meta["positional"]:

@@ -162,12 +162,13 @@ def nothing_to_check(value) -> None:
 def option(default, help: str, *, parse: Callable[[str], Any] = str,
            check: Callable[[Any], None] = nothing_to_check, metavar: str | None = None,
            choices: tuple[str, ...] | None = None, positional: bool = False,
-           default_factory: Callable[[], Any] | None = None):
+           default_factory: Callable[[], Any] | None = None, shown: str | None = None):
     """A Settings field that is also a command-line option (see cli.build_parser)."""
     if choices is not None:
         check = one_of(choices)
+    # `shown`: how --help names the default, when not by its value (0 is "auto").
     metadata = {"help": help, "parse": parse, "check": check, "metavar": metavar,
-                "choices": choices, "positional": positional}
+                "choices": choices, "positional": positional, "shown": shown}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -230,7 +231,7 @@ class Settings:
         "that, new ones wait in the backlog for the first worker to catch up; "
         "higher gives more throughput, lower a shorter tail; auto: 2, times the "
         "workers sharing each CPU", parse=queue_depth, check=valid_queue_depth,
-        metavar="N")
+        metavar="N", shown="auto")
     # Time limits
     graceful_timeout: float = option(
         30.0, "how long a stop waits for requests in progress",

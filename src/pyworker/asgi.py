@@ -7,7 +7,8 @@ the transport has room), so a small request costs one task and no other
 switch.
 
 Requests on a connection run one at a time, in order: a request that arrives
-while another runs waits in `pipeline`, and reading pauses meanwhile.  The
+while another runs waits in `pipeline`; up to PIPELINE_LIMIT are read ahead,
+then reading pauses.  The
 request body is buffered up to BODY_HIGH_WATER, then reading pauses until the
 app takes it.  The response waits while the transport is above its high-water
 mark, so a slow reader cannot make the worker buffer a large response.
@@ -25,7 +26,6 @@ import collections
 import logging
 import re
 import time
-from http import HTTPStatus
 from urllib.parse import unquote
 
 import httptools
@@ -52,8 +52,8 @@ MAX_DISCARDED_BODY_BYTES = 1024 * 1024
 # Transport write buffer limits: above HIGH, send() waits until below LOW.
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
-# Response headers the server writes unless the app did.
-NO_BODY_STATUSES = frozenset((204, 304)) | frozenset(range(100, 200))
+# Final statuses whose responses never carry a body (1xx are refused outright).
+NO_BODY_STATUSES = frozenset((204, 304))
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Request headers that need a second look once the head is complete.
 NOTED_FORWARDED, NOTED_EXPECT = 1, 2
@@ -97,14 +97,6 @@ def status_line(status: int) -> bytes:
     if line is None:
         line = b"HTTP/1.1 %d \r\n" % status
     return line
-
-
-def error_response(status: int, keep_alive: bool, date_header: bytes) -> bytes:
-    body = f"{HTTPStatus(status).phrase}\n".encode()
-    return b"".join((
-        STATUS_LINES[status], SERVER_HEADER, date_header,
-        b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
-        b"" if keep_alive else b"Connection: close\r\n", b"\r\n", body))
 
 
 class AsgiConfig:
@@ -284,7 +276,7 @@ class RequestCycle:
         if protocol.queued_at is not None:
             # Off the worker's queue before the answer goes out: the client
             # may open its next connection before this worker runs again.
-            protocol.dequeue()
+            protocol.server.dequeued(protocol)
         lines = [status_line(self.status)]
         has_server = has_date = False
         for name, value in self.headers:
@@ -380,9 +372,7 @@ class RequestCycle:
         self.keep_alive = False
         self.status = status
         self.response_complete = True
-        response = error_response(status, False, self.protocol.server.responses.date_header)
-        self.protocol.transport.write(response)
-        self.response_bytes = len(response)
+        self.response_bytes = self.protocol.write_error(status)
 
     def log_access(self, duration: float) -> None:
         scope = self.scope
@@ -455,7 +445,7 @@ class AsgiProtocol(asyncio.Protocol):
         self.pipeline.clear()
         self.writes.lose()
         if self.queued_at is not None:
-            self.dequeue()
+            self.server.dequeued(self)
         self.server.connection_closed(self)
         self.parser = None
 
@@ -485,10 +475,11 @@ class AsgiProtocol(asyncio.Protocol):
         server.begin()
         try:
             self.last_active = server.now
-            if self.parsing is None and self.head_since == 0:
-                self.head_since = server.now
             if self.parsing is None:
+                # Not inside a body: this is (part of) a head.
                 self.head_seen += len(data)
+                if self.head_since == 0:
+                    self.head_since = server.now
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserCallbackError as exc:
@@ -640,7 +631,7 @@ class AsgiProtocol(asyncio.Protocol):
         self.server.requests += 1
         self.last_active = self.server.now
         if self.queued_at is not None:
-            self.dequeue()
+            self.server.dequeued(self)
         if self.closing:
             return
         if not cycle.keep_alive or not cycle.response_complete:
@@ -657,13 +648,11 @@ class AsgiProtocol(asyncio.Protocol):
         # The body may still be arriving: it is read and dropped (feed_body).
         cycle.body.clear()
         cycle.body_size = 0
-        cycle.response_complete = True
         self.cycle = None
         if self.pipeline:
             self.start(self.pipeline.popleft())
         elif self.rejected is not None:
-            self.transport.write(error_response(self.rejected, False,
-                                                self.server.responses.date_header))
+            self.write_error(self.rejected)
             self.close()
             return
         elif self.close_after and self.parsing is None:
@@ -695,8 +684,14 @@ class AsgiProtocol(asyncio.Protocol):
             self.rejected = status
             self.pause_reading()
             return
-        self.transport.write(error_response(status, False, self.server.responses.date_header))
+        self.write_error(status)
         self.close()
+
+    def write_error(self, status: int) -> int:
+        """Write a short error response (the connection closes after it); its size."""
+        response = self.server.responses.error(status)
+        self.transport.write(response)
+        return len(response)
 
     def close(self) -> None:
         if not self.closing:
@@ -705,10 +700,6 @@ class AsgiProtocol(asyncio.Protocol):
                 self.transport.close()
 
     # Called by the worker
-
-    def dequeue(self) -> None:
-        self.queued_at = None
-        self.server.dequeued(self)
 
     def shutdown(self) -> None:
         """The worker is stopping: close now if idle, else after the current response."""

@@ -60,6 +60,10 @@ class Responses:
         self.date_header = date_header()
         self.kept.clear()
 
+    def error(self, status: int) -> bytes:
+        """A short plain-text answer to input that cannot be served; the connection closes."""
+        return self.get(status, f"{HTTPStatus(status).phrase}\n".encode(), False, True, False)
+
     def get(self, status: int, body: bytes, keep_alive: bool, http11: bool,
             head: bool) -> bytes:
         key = (status, body, keep_alive, http11, head)
@@ -133,7 +137,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         if self.queued_at is not None:
-            self.dequeue()
+            self.server.dequeued(self)
         self.server.connection_closed(self)
         # The parser calls back into this protocol and the transport holds it:
         # break both cycles so refcounting frees a connection at once, instead
@@ -233,7 +237,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.queued_at is not None:
             # Off the queue before the answer goes out: the client may open
             # its next connection before this worker runs another line.
-            self.dequeue()
+            self.server.dequeued(self)
         self.respond(status, body, keep_alive, self.http11, method == b"HEAD")
         self.served += 1
         self.server.requests += 1
@@ -252,8 +256,8 @@ class HttpProtocol(asyncio.Protocol):
         """Answer a request that cannot be served, then close."""
         if self.closing:
             return
-        phrase = HTTPStatus(status).phrase
-        self.respond(status, f"{phrase}\n".encode(), False, True)
+        self.transport.write(self.server.responses.error(status))
+        self.last_active = self.server.now
         self.close()
 
     def close(self) -> None:
@@ -262,11 +266,6 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
     # Called by the worker
-
-    def dequeue(self) -> None:
-        """Answered (or given up on): no longer waiting in the worker's queue."""
-        self.queued_at = None
-        self.server.dequeued(self)
 
     def shutdown(self) -> None:
         """The worker is stopping: close now if idle, else after the next response.

@@ -254,7 +254,7 @@ class WebSocketSession(asyncio.Protocol):
         self.flush()
         self.accepted = True
         if self.queued_at is not None:
-            self.dequeue()
+            self.server.dequeued(self)
         held, self.held = b"".join(self.held), None
         if self.reading_paused and len(self.inbox) < INBOX_LIMIT:
             self.reading_paused = False
@@ -308,14 +308,10 @@ class WebSocketSession(asyncio.Protocol):
         finally:
             self.closed = True
             if self.queued_at is not None:
-                self.dequeue()
+                self.server.dequeued(self)
             self.server.requests += 1
 
     # Called by the worker
-
-    def dequeue(self) -> None:
-        self.queued_at = None
-        self.server.dequeued(self)
 
     def shutdown(self) -> None:
         """The worker is draining: the app may go on until the graceful deadline."""

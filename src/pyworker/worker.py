@@ -80,7 +80,7 @@ class Worker:
         # Dispatch mode counts a connection when its fd arrives (the channel
         # does it); the baseline modes when uvloop has accepted it.
         self.count_on_open = self.settings.mode != "dispatch"
-        self.family = resolve(self.settings.host, self.settings.port)[0]
+        self.family, self.sockaddr = resolve(self.settings.host, self.settings.port)
         self.draining = False
         self.drain_deadline = 0.0
         # Counted by HttpProtocol; checked once a tick against the limit.
@@ -98,14 +98,13 @@ class Worker:
         self.server: asyncio.AbstractServer | None = None
         self.lifespan: Lifespan | None = None
         self.wsgi_app = None
-        self.saturated = False
         self.new_connection = self.serve_builtin_app()
         if self.settings.app:
             self.new_connection = self.serve_user_app()
 
     def listening_address(self) -> tuple[str, int] | None:
         """(address, port) every connection arrives on, or None for a wildcard bind."""
-        sockaddr = resolve(self.settings.host, self.settings.port)[1]
+        sockaddr = self.sockaddr
         if ipaddress.ip_address(sockaddr[0]).is_unspecified:
             return None
         return sockaddr[0], sockaddr[1]
@@ -127,7 +126,7 @@ class Worker:
         from pyworker.proxy import ProxyTrust
         state = self.lifespan.state if self.lifespan is not None else None
         # A WSGI app runs in threads: the loop is never blocked by it, and
-        # busy means every thread is (see all_threads_busy).
+        # busy means every thread is (WorkerChannel.hold_busy).
         config = AsgiConfig(app, self.settings, ProxyTrust(self.settings), state,
                             native=interface == "asgi", local=self.listening_address())
         log.debug("Worker %d serves %s (%s)", os.getpid(), self.settings.app, interface)
@@ -146,8 +145,7 @@ class Worker:
         self.end = self.channel.end
         self.stamped = self.channel.stamped
         if self.wsgi_app is not None:
-            self.wsgi_app.watch_load(self.all_threads_busy)
-            self.end = self.end_unless_saturated
+            self.wsgi_app.watch_load(self.channel.hold_busy)
         os.close(spec.load_fd)   # mapped; the fd itself is not needed
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -237,27 +235,14 @@ class Worker:
         if self.draining:
             self.exit_if_done()
 
-    # A WSGI app's threads all busy: the worker reads as busy to the primary
-    # (the stamp of WorkerChannel.begin) until one is free, whatever the
-    # event loop's own callbacks do meanwhile.
-
-    def all_threads_busy(self, busy: bool) -> None:
-        self.saturated = busy
-        if busy:
-            self.channel.begin()
-        else:
-            self.channel.end()
-
-    def end_unless_saturated(self) -> None:
-        if not self.saturated:
-            self.channel.end()
-
     def connection_replaced(self, old, new) -> None:
         """The connection now speaks another protocol (a WebSocket): still one connection."""
         self.connections.discard(old)
         self.connections.add(new)
 
-    def dequeued(self, protocol: HttpProtocol) -> None:
+    def dequeued(self, protocol) -> None:
+        """`protocol`'s connection is answered (or given up on): off the worker's queue."""
+        protocol.queued_at = None
         self.channel.dequeue()
 
     # Stopping
@@ -302,7 +287,7 @@ class Worker:
         # queue the primary measures.
         for protocol in list(self.connections):
             if protocol.queued_at is not None and protocol.queued_at < self.ticks - 1:
-                protocol.dequeue()
+                self.dequeued(protocol)
         # The clock has a resolution of one tick: allow one more so that no
         # connection is closed before it has been idle for the full timeout.
         idle_cutoff = self.now - self.settings.keepalive_timeout - TICK_SECONDS
