@@ -8,21 +8,28 @@ each connection and, once per wake-up, sends every worker its batch in one
 sendmsg carrying the fds as SCM_RIGHTS.  Nothing in that path creates a
 Python object: connections are ints in C arrays from accept4 to close.
 
-The primary keeps its copy of each handed fd until the worker acknowledges
-the batch.  A worker acknowledges a batch as soon as it has received it and
-before it reads a byte, so a connection that was never acknowledged was never
-touched and can be handed to another worker if its worker goes away.
+The primary closes its copy of each fd as soon as the sendmsg succeeds: the
+worker's copy is then the only one, and the worker's close tears the TCP
+connection down.  Nothing is lost if the worker dies first: the primary keeps
+the worker's end of the channel open too, and a handoff the worker has not
+received is still in that end's receive queue, so the primary takes it back
+with recvmsg and gives it to another worker.  A handoff the worker has
+received is the worker's: nothing is acknowledged, nothing is handed twice.
+The same recvmsg takes handoffs back from a worker that is stuck in a slow
+request, which a kernel queue (SO_REUSEPORT, a shared socket) never can.
 
 Each worker shares a load page with the primary (LoadPage): how many
 connections it holds open, how many of those have not had their first
 request answered yet (its queue), and since when it has been inside a
-request's callbacks, if it is.  The primary reads them directly, so none of
-this costs a message or a wake-up.  A worker whose queue holds `queue_depth`
-connections gets no more, and neither does one that has been inside one
-request for over 300 microseconds (it is busy with slow work): new connections
-wait in the listener's backlog, one queue for all workers, and go to the
-first worker that catches up.  A request stuck behind a slow one in a
-worker's queue is what makes tail latency; a shared queue keeps that short.
+request's callbacks, if it is.  The primary counts a connection into both
+when it sends it and the worker counts it out, so the counts include what is
+in flight, and none of this costs a message or a wake-up.  A worker whose
+queue holds `queue_depth` connections gets no more, and neither does one that
+has been inside one request for over 300 microseconds (it is busy with slow
+work): new connections wait in the listener's backlog, one queue for all
+workers, and go to the first worker that catches up.  A request stuck behind
+a slow one in a worker's queue is what makes tail latency; a shared queue
+keeps that short.
 """
 
 cimport cython
@@ -41,7 +48,7 @@ from system cimport (
     EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, MAP_FAILED,
     MAP_SHARED, MSG_CMSG_CLOEXEC, MSG_CTRUNC, MSG_DONTWAIT, MSG_NOSIGNAL,
     PROT_READ, PROT_WRITE, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_NONBLOCK,
-    SOL_SOCKET, accept4, cmsghdr, epoll_create1, epoll_ctl, epoll_event,
+    SOL_SOCKET, IPPROTO_TCP, TCP_INFO, tcp_info, getsockopt, socklen_t, accept4, cmsghdr, epoll_create1, epoll_ctl, epoll_event,
     epoll_wait, mmap, mmsghdr, msghdr, munmap, recvmmsg, recvmsg, send,
     sendmsg,
 )
@@ -50,11 +57,14 @@ from system cimport (
 cdef enum:
     # SCM_MAX_FD: the kernel refuses more fds than this in one message.
     MAX_FDS_PER_MESSAGE = 253
-    # Bounds one wake-up, so acknowledgements and signals are not starved
-    # under a flood of new connections.
+    # Bounds one wake-up, so reports and signals are not starved under a
+    # flood of new connections.
     MAX_ACCEPTS_PER_WAKE = 1024
     MAX_EPOLL_EVENTS = 64
     MAX_REPORTS_PER_READ = 32
+    # Signals remembered between two returns of Dispatcher.run (one byte
+    # each on the wake-up fd); more than this in one turn are dropped.
+    MAX_PENDING_SIGNALS = 64
     # A worker inside one request's callbacks for longer than this is busy
     # with slow work: serving a plain request takes tens of microseconds.
     STUCK_MICROSECONDS = 300
@@ -82,17 +92,17 @@ cdef double WORKER_FULL_SECONDS = 1.0
 
 cdef enum Command:          # primary -> worker
     COMMAND_HANDOFF = 1     # fds in SCM_RIGHTS, `count` of them
-    COMMAND_STOP = 2        # finish what you hold and exit; nothing follows
+    COMMAND_STOP = 2        # finish what you hold: close idle connections
+    COMMAND_FINAL = 3       # nothing follows: exit once you hold nothing
 
 cdef struct CommandMessage:
     uint32_t command
     uint32_t count
 
-cdef struct ReportMessage:  # worker -> primary
-    uint32_t handed         # fds in the handoff acknowledged; 0: state only
-    uint32_t taken          # of those, how many the worker could install
-    uint32_t state          # a WorkerState; every report is also a heartbeat
-    uint32_t reserved
+cdef struct ReportMessage:  # worker -> primary; every report is also a heartbeat
+    uint32_t state          # a WorkerState
+    uint32_t lost           # handed connections it could not install since
+                            # its last report (out of descriptors)
 
 cdef struct HandoffControl:  # ancillary buffer for one handoff
     cmsghdr header
@@ -101,6 +111,11 @@ cdef struct HandoffControl:  # ancillary buffer for one handoff
 
 # The page a worker shares with the primary (a memfd both map).
 #
+# `open` and `queued` are raised by the primary before it sends a handoff
+# (and lowered again if the send fails or it takes the handoff back) and
+# lowered by the worker as connections are answered and close, so they count
+# what is in flight in the channel too and never dip below zero.
+#
 # The nudge is a store-then-load handshake on each side, so that the primary
 # cannot go to sleep waiting for a worker to have room while the worker makes
 # room unseen: the primary sets `nudge` and then reads the page; the worker
@@ -108,11 +123,13 @@ cdef struct HandoffControl:  # ancillary buffer for one handoff
 # set, clears it and sends a report, which wakes the primary.  With
 # sequentially consistent accesses at least one side sees the other's write.
 cdef struct LoadPage:
-    uint32_t open       # connections the worker holds (written by the worker)
-    uint32_t queued     # of those, first request not answered yet (the worker)
+    uint32_t open       # connections handed to the worker and not closed
+    uint32_t queued     # of those, first request not answered yet
     uint32_t nudge      # set by the primary, cleared by the worker
     uint32_t busy_since  # microsecond clock (wrapping) when the worker entered
                          # a request's callbacks; 0 when it is between them
+    uint32_t received   # fds the worker took off its channel (wrapping)
+    uint32_t fd_room    # connections the worker has descriptors for; 0: unknown
 
 
 cpdef enum WorkerState:     # a worker's state, as it reports it
@@ -121,14 +138,14 @@ cpdef enum WorkerState:     # a worker's state, as it reports it
     WORKER_DRAINING = 2
     WORKER_RECYCLE = 3      # serving, and asking to be replaced (max requests)
 
-cpdef enum Event:           # what run() returns: (event, slot) or (event, errno)
+cpdef enum Event:           # what run() returns: (event, slot, errno or signal)
     EVENT_READY = 1             # the worker in the slot reported ready
     EVENT_DRAINING = 2          # the worker is finishing up of its own accord
-    EVENT_CLOSED = 4            # the worker's channel closed: it is gone
     EVENT_ACCEPT_PAUSED = 8     # accept failed for lack of descriptors or memory
     EVENT_ACCEPT_RESUMED = 16   # a connection was accepted again after a pause
-    EVENT_WORKER_FULL = 32      # the worker ran out of descriptors
+    EVENT_WORKER_FULL = 32      # the worker holds all it has descriptors for
     EVENT_RECYCLE = 64          # the worker asks to be replaced; it still serves
+    EVENT_SIGNAL = 128          # a signal arrived (one event per delivery)
 
 POLICIES = ("least-conn", "round-robin")
 cdef enum Policy:
@@ -240,6 +257,43 @@ cdef int send_handoff(int channel, const int *fds, int count) noexcept nogil:
     return 0
 
 
+cdef ssize_t receive_command(int channel, CommandMessage *command,
+                             HandoffControl *control, int **fds,
+                             uint32_t *installed) noexcept nogil:
+    """Take one message off `channel`, without waiting.
+
+    Returns its length, 0 at the end of the stream, or -1 with errno set.
+    For a handoff, `*installed` of its `command.count` fds are now this
+    process's, at `*fds`: when the process is out of descriptors the kernel
+    installs the first ones, closes the rest and sets MSG_CTRUNC.
+    """
+    cdef iovec iov
+    cdef msghdr msg
+    cdef cmsghdr *header
+    cdef ssize_t received
+    installed[0] = 0
+    command.command = 0
+    command.count = 0
+    iov.iov_base = command
+    iov.iov_len = sizeof(CommandMessage)
+    memset(&msg, 0, sizeof(msg))
+    msg.msg_iov = &iov
+    msg.msg_iovlen = 1
+    msg.msg_control = control
+    msg.msg_controllen = sizeof(HandoffControl)
+    while True:
+        received = recvmsg(channel, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+        if received >= 0 or errno.errno != errno.EINTR:
+            break
+    if received > 0:
+        header = CMSG_FIRSTHDR(&msg)
+        if (header != NULL and header.cmsg_level == SOL_SOCKET
+                and header.cmsg_type == SCM_RIGHTS):
+            installed[0] = <uint32_t>((header.cmsg_len - CMSG_LEN(0)) // sizeof(int))
+            fds[0] = <int *>CMSG_DATA(header)
+    return received
+
+
 cdef int send_command(int channel, uint32_t command) noexcept nogil:
     cdef CommandMessage message
     message.command = command
@@ -290,22 +344,38 @@ cdef LoadPage *map_load_page(int load_fd) except NULL:
 
 cdef struct Slot:
     int channel             # primary's end of the socketpair, -1 when empty
+    int peer                # the worker's end: what it has not received is there
     SlotState state
-    bint congested          # its channel was full; skipped until it reports
-    bint stop_pending       # COMMAND_STOP could not be sent yet
+    bint congested          # its channel was full; skipped until it reads
+    uint32_t congested_at   # (in_flight then) or reports
+    bint stop_pending       # COMMAND_STOP not sent yet
+    bint final_pending      # COMMAND_FINAL not sent yet
     LoadPage *page          # shared with the worker
     uint32_t full_at        # load at which it ran out of descriptors...
     double full_until       # ...which caps it until then; 0 when not capped
-    bint starved            # out of descriptors since its last full take
+    uint32_t lost           # connections it could not install, not yet told
+    bint at_room            # holds all it has descriptors for (said once)
     uint32_t events         # EVENT_* bits not yet returned to Python
     bint recycle_asked      # EVENT_RECYCLE was returned for this worker
     double last_heard       # when its last report came: the watchdog's clock
     bint stuck              # in one request for over STUCK_MICROSECONDS (_pick)
+    uint32_t sent           # fds sent over the channel (wrapping), and of
+    uint32_t reclaimed      # those, taken back: see in_flight()
     uint64_t handed_total   # connections handed to this worker, for stats
     uint32_t orphaned       # left for others when its channel closed
-    FdQueue handed          # sent, not yet acknowledged, oldest first
     int batch_len
     int batch[MAX_FDS_PER_MESSAGE]  # accepted this wake-up, not yet sent
+
+
+cdef inline uint32_t in_flight(Slot *s) noexcept:
+    """Fds sent to the worker that are still in its channel."""
+    return s.sent - s.reclaimed - atomic_load_u32(&s.page.received)
+
+
+cdef inline void close_all(const int *fds, int count) noexcept nogil:
+    cdef int k
+    for k in range(count):
+        close(fds[k])
 
 
 @cython.final
@@ -328,7 +398,8 @@ cdef class Dispatcher:
         int next_slot           # where a pick starts looking: ties rotate
         FdQueue orphans         # to re-dispatch: their worker never took them
         bint listener_armed
-        bint closing            # taking the whole backlog: limits do not apply
+        bint stopping           # close_listener was called: limits do not apply
+        uint32_t stop_quota     # connections left to take from the backlog
         double resume_accept_at  # end of an EMFILE pause; 0 when not paused
         bint accept_paused      # from a failed accept to the next success
         int pause_errno
@@ -337,6 +408,11 @@ cdef class Dispatcher:
         bint any_stuck          # some worker is stuck (see _observe_busy)
         uint64_t accepted_total
         uint64_t redispatched_total
+        uint64_t reclaimed_total
+        uint64_t lost_total
+        int signal_count
+        unsigned char signals[MAX_PENDING_SIGNALS]
+        HandoffControl reclaim_control
         mmsghdr report_headers[MAX_REPORTS_PER_READ]
         iovec report_iovs[MAX_REPORTS_PER_READ]
         ReportMessage reports[MAX_REPORTS_PER_READ]
@@ -396,14 +472,14 @@ cdef class Dispatcher:
         return 0
 
     cdef void _release_slot(self, Slot *s) noexcept:
-        cdef int k
         if s.channel >= 0:
             close(s.channel)
             s.channel = -1
-        for k in range(s.batch_len):
-            close(s.batch[k])
+        if s.peer >= 0:
+            close(s.peer)
+            s.peer = -1
+        close_all(s.batch, s.batch_len)
         s.batch_len = 0
-        fdq_close_all(&s.handed)
         if s.page != NULL:
             munmap(s.page, LOAD_PAGE_SIZE)
             s.page = NULL
@@ -421,17 +497,21 @@ cdef class Dispatcher:
                    (index + 1 - self.nslots) * sizeof(Slot))
             for i in range(self.nslots, index + 1):
                 slots[i].channel = -1
+                slots[i].peer = -1
             self.slots = slots
             self.nslots = index + 1
         return &self.slots[index]
 
     # The supervisor's side: workers come and go.
 
-    def attach(self, int slot, int channel_fd, int load_fd):
-        """Attach a new worker: its channel and its load page.
+    def attach(self, int slot, int channel_fd, int load_fd, int peer_fd=-1):
+        """Attach a new worker: its channel, its load page, the worker's end.
 
-        The channel is owned from now on, unless this raises.  The slot gets
-        connections once the worker reports ready.
+        `peer_fd` is the worker's end of the channel (the worker has its own
+        copy): kept, it is where connections the worker never received are
+        taken back from (detach, a stuck worker).  Both fds are owned from
+        now on, unless this raises.  The slot gets connections once the
+        worker reports ready.
         """
         cdef Slot *s = self._slot(slot)
         cdef LoadPage *page
@@ -445,15 +525,20 @@ cdef class Dispatcher:
             raise
         s.page = page
         s.channel = channel_fd
+        s.peer = peer_fd
         s.state = SLOT_STARTING
         s.full_until = 0
-        s.starved = False
+        s.lost = 0
+        s.at_room = False
         s.congested = False
         s.stop_pending = False
+        s.final_pending = False
         s.events = 0
         s.recycle_asked = False
         s.stuck = False
         s.last_heard = monotonic()
+        s.sent = 0
+        s.reclaimed = 0
         s.handed_total = 0
         s.orphaned = 0
         s.batch_len = 0
@@ -461,15 +546,15 @@ cdef class Dispatcher:
     def detach(self, int slot):
         """Forget the worker in `slot` (it exited).
 
-        Its last acknowledgements are read first; whatever it never took is
-        queued for another worker.  Returns how many connections that is.
+        What it never received is taken back from its channel and queued for
+        another worker.  Returns how many connections that is.
         """
         cdef uint32_t orphaned
         if slot >= self.nslots:
             return 0
         if self.slots[slot].channel >= 0:
             self._read_reports(slot)
-            self._close_slot(slot, False)
+            self._close_slot(slot)
         orphaned = self.slots[slot].orphaned
         self.slots[slot].orphaned = 0
         return orphaned
@@ -484,47 +569,73 @@ cdef class Dispatcher:
         self._flush(slot)
         if s.channel >= 0:
             s.stop_pending = True
+            s.final_pending = True
             self._send_stop(slot)
 
     def close_listener(self):
-        """Stop accepting: hand out what the backlog already holds, then close.
+        """Stop: take in no new connections, hand out what the backlog holds.
 
         The backlog is the queue the workers share, and with deferred accept
         each connection in it has sent its request: closing the listener
-        would reset them.  So every one goes to a worker now, past the queue
-        depth and max-conns, which only decide how soon.  Returns how many.
+        would reset them.  So from now on every connection goes to a worker
+        as soon as one can hold it, past the queue depth and max-conns, and
+        to workers that are finishing too.  The listener closes once accept
+        finds the backlog empty; when the workers cannot hold everything yet
+        (out of descriptors, every one stuck), it stays open and run() goes
+        on taking.  Returns how many connections were handed out here.
         """
-        cdef int taken = 0
-        if self.listen_fd < 0:
-            return 0
-        self.closing = True
-        taken = self._accept_connections(0x7fffffff)
-        self._settle()
-        self.closing = False
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, NULL)
-        close(self.listen_fd)
-        self.listen_fd = -1
-        self.listener_armed = False
+        cdef int taken = 0, n
+        cdef tcp_info info
+        cdef socklen_t size = sizeof(info)
+        if self.listen_fd >= 0 and not self.stopping:
+            # What is queued now reached us before the stop: all of it is
+            # served.  What arrives later is refused when the listener
+            # closes, so that a steady stream cannot hold the stop open.
+            self.stop_quota = 0xFFFFFFFF
+            if getsockopt(self.listen_fd, IPPROTO_TCP, TCP_INFO, &info, &size) == 0:
+                self.stop_quota = info.tcpi_unacked
+        self.stopping = True
+        while self.listen_fd >= 0:
+            self.resume_accept_at = 0
+            n = self._accept_connections(0x7fffffff)
+            taken += n
+            # Sending closes the primary's copies: descriptors for the next.
+            self._settle()
+            if n == 0:
+                break
         return taken
 
     def silence(self, int slot):
         """Seconds since the worker in `slot` last reported; 0 for an empty slot.
 
-        A worker reports on every handoff and at least once a second (its
-        heartbeat), so a long silence means its event loop is not turning.
+        A worker reports at least once a second (its heartbeat), so a long
+        silence means its event loop is not turning.
         """
         if slot >= self.nslots or self.slots[slot].channel < 0:
             return 0.0
         return monotonic() - self.slots[slot].last_heard
 
     def load(self, int slot):
-        """(open, queued, in_flight, handed_total) for the worker in `slot`."""
+        """(open, queued, in_flight, handed_total) for the worker in `slot`.
+
+        `open` and `queued` include what is in flight.
+        """
         cdef Slot *s
         if slot >= self.nslots or self.slots[slot].channel < 0:
             return (0, 0, 0, 0)
         s = &self.slots[slot]
-        return (atomic_load_u32(&s.page.open), atomic_load_u32(&s.page.queued),
-                s.handed.count + s.batch_len, s.handed_total)
+        return (atomic_load_u32(&s.page.open) + s.batch_len,
+                atomic_load_u32(&s.page.queued) + s.batch_len,
+                in_flight(s) + s.batch_len, s.handed_total)
+
+    def lost(self, int slot):
+        """Connections the worker in `slot` could not install since last asked."""
+        cdef uint32_t lost
+        if slot >= self.nslots:
+            return 0
+        lost = self.slots[slot].lost
+        self.slots[slot].lost = 0
+        return lost
 
     @property
     def orphans(self):
@@ -537,7 +648,13 @@ cdef class Dispatcher:
 
     @property
     def redispatched(self):
+        """Connections handed a second time: their worker never received them."""
         return self.redispatched_total
+
+    @property
+    def reclaimed(self):
+        """Connections taken back from a worker's channel (dead or stuck)."""
+        return self.reclaimed_total
 
     @property
     def listening(self):
@@ -548,16 +665,18 @@ cdef class Dispatcher:
     def run(self, double timeout):
         """Serve until Python has something to do, or `timeout` seconds pass.
 
-        Returns a list of (EVENT_*, slot) pairs; ACCEPT events carry the errno
-        instead of a slot.  An empty list means a signal arrived (the wake-up
-        fd) or the time ran out.
+        Returns a list of (EVENT_*, arg) pairs: the slot for worker events,
+        the errno for ACCEPT events, the signal number for EVENT_SIGNAL (one
+        per delivery: the wake-up fd carries a byte for each, where Python
+        runs a handler once for several).  An empty list means the time ran
+        out.
         """
         cdef epoll_event events[MAX_EPOLL_EVENTS]
         cdef double deadline = monotonic() + timeout
         cdef double now, until
         cdef int n, k, wait_ms
         cdef uint64_t tag
-        cdef bint woke = False, listener_ready, polled = False
+        cdef bint listener_ready, polled = False
         while True:
             self._settle()
             now = monotonic()
@@ -566,7 +685,7 @@ cdef class Dispatcher:
             self._arm_listener()
             # Look at the fds at least once, even with no time left: a caller
             # that keeps passing 0 must still see reports and connections.
-            if woke or self.has_events or (now >= deadline and polled):
+            if self.has_events or (now >= deadline and polled):
                 break
             polled = True
             until = deadline
@@ -578,9 +697,9 @@ cdef class Dispatcher:
             if n < 0:
                 if errno.errno != errno.EINTR:
                     raise_errno(errno.errno)
-                # A signal whose handler may have raised; Python decides.
+                # A signal: its byte is on the wake-up fd.  The handler may
+                # also have raised (KeyboardInterrupt): Python decides.
                 PyErr_CheckSignals()
-                woke = True
                 continue
             listener_ready = False
             for k in range(n):
@@ -589,30 +708,34 @@ cdef class Dispatcher:
                     listener_ready = True
                 elif tag == TAG_WAKE:
                     self._drain_wake_fd()
-                    woke = True
                 else:
                     self._read_reports(<int>tag)
-            # Reports first: acknowledgements free capacity for these.
             if listener_ready and self.listen_fd >= 0:
                 self._accept_connections(MAX_ACCEPTS_PER_WAKE)
         return self._collect_events()
 
     cdef int _settle(self) except -1:
         """Re-dispatch orphans, then one sendmsg per worker with a batch."""
-        cdef int i, target
+        cdef int i
         if self.orphans.count:
             self._observe_busy()
+            self._dispatch_orphans()
+        for i in range(self.nslots):
+            if self.slots[i].batch_len:
+                self._flush(i)
+            if self.slots[i].stop_pending or self.slots[i].final_pending:
+                self._send_stop(i)
+        return 0
+
+    cdef int _dispatch_orphans(self) except -1:
+        """Orphans first: they are older than anything still in the backlog."""
+        cdef int target
         while self.orphans.count:
             target = self._pick()
             if target < 0:
                 break
             self.redispatched_total += 1
             self._assign(target, fdq_pop(&self.orphans))
-        for i in range(self.nslots):
-            if self.slots[i].batch_len:
-                self._flush(i)
-            if self.slots[i].stop_pending:
-                self._send_stop(i)
         return 0
 
     cdef int _pick(self) noexcept:
@@ -623,10 +746,11 @@ cdef class Dispatcher:
         answers nothing, so its count stays up while a healthy worker's falls
         back to zero within one turn of its loop.  With nothing unanswered
         (keep-alive traffic) this is plain least connections.  Workers that
-        _observe_busy last marked stuck get nothing.
+        _observe_busy last marked stuck get nothing, and no worker gets more
+        connections than it has descriptors for.
         """
         cdef int best = -1, i, k
-        cdef uint32_t load, in_flight, unread, depth
+        cdef uint32_t load, unread, depth, room
         cdef uint64_t rank, best_rank = 0xFFFFFFFFFFFFFFFF
         cdef Slot *s
         for k in range(self.nslots):
@@ -634,14 +758,26 @@ cdef class Dispatcher:
             if i >= self.nslots:
                 i -= self.nslots
             s = &self.slots[i]
-            if s.state != SLOT_ACTIVE or s.congested:
+            if s.congested or s.stuck:
                 continue
-            in_flight = s.handed.count + s.batch_len
-            unread = atomic_load_u32(&s.page.queued) + in_flight
-            load = atomic_load_u32(&s.page.open) + in_flight
-            if not self.closing:
-                if s.stuck:
+            if s.state != SLOT_ACTIVE and not (
+                    self.stopping and s.state == SLOT_RETIRING):
+                continue
+            unread = atomic_load_u32(&s.page.queued) + s.batch_len
+            load = atomic_load_u32(&s.page.open) + s.batch_len
+            room = atomic_load_u32(&s.page.fd_room)
+            if room and load >= room - (room >> 3 if s.at_room else 0):
+                # The kernel would close what it cannot install.  Said once
+                # until it is an eighth below again, not at every close.
+                if not s.at_room:
+                    s.at_room = True
+                    s.events |= EVENT_WORKER_FULL
+                    self.has_events = True
+                if load >= room:
                     continue
+            elif s.at_room:
+                s.at_room = False
+            if not self.stopping:
                 depth = self.queue_depth
                 if self.any_stuck:
                     depth *= STUCK_DEPTH_FACTOR
@@ -661,16 +797,16 @@ cdef class Dispatcher:
                 best_rank = rank
         return best
 
-    cdef void _observe_busy(self) noexcept:
+    cdef int _observe_busy(self) except -1:
         """Mark the workers stuck in a slow request, for the picks that follow.
 
         A worker that has been in one request for a while is busy with slow
         work, and whatever it is handed waits for that: _pick gives it nothing
-        (it nudges when it leaves the request, see WorkerChannel.end), and
-        meanwhile the others may queue more, so that they take the load in
-        fewer, bigger batches.  Looked at once per batch of picks, not per
-        connection: within one wake-up it does not change in a way that
-        matters.
+        (it nudges when it leaves the request, see WorkerChannel.end), what
+        waits in its channel is taken back for the others, and meanwhile the
+        others may queue more, so that they take the load in fewer, bigger
+        batches.  Looked at once per batch of picks, not per connection:
+        within one wake-up it does not change in a way that matters.
         """
         cdef uint32_t since, now = 0
         cdef int i
@@ -679,6 +815,10 @@ cdef class Dispatcher:
         for i in range(self.nslots):
             s = &self.slots[i]
             s.stuck = False
+            if s.page == NULL:
+                continue
+            if s.congested and in_flight(s) < s.congested_at:
+                s.congested = False     # it has read from its channel since
             if s.state != SLOT_ACTIVE:
                 continue
             since = atomic_load_u32(&s.page.busy_since)
@@ -690,6 +830,9 @@ cdef class Dispatcher:
                 if STUCK_MICROSECONDS < now - since < 0x80000000:
                     s.stuck = True
                     self.any_stuck = True
+                    if in_flight(s):
+                        self._reclaim(s)
+        return 0
 
     cdef inline int _assign(self, int i, int fd) except -1:
         cdef Slot *s = &self.slots[i]
@@ -703,7 +846,11 @@ cdef class Dispatcher:
     cdef int _accept_connections(self, int limit) except -1:
         cdef int accepted = 0, fd, target, err
         self._observe_busy()
+        self._dispatch_orphans()
         while accepted < limit:
+            if self.stopping and self.stop_quota == 0:
+                self._close_listener()  # all that was queued at the stop
+                break
             target = self._pick()
             if target < 0:
                 break   # every worker is full: the backlog holds the rest
@@ -711,6 +858,8 @@ cdef class Dispatcher:
             if fd < 0:
                 err = errno.errno
                 if err == errno.EAGAIN:
+                    if self.stopping:
+                        self._close_listener()  # the backlog is empty
                     break
                 if (err == errno.EINTR or err == errno.ECONNABORTED
                         or err == errno.EPERM or err == errno.EPROTO
@@ -734,7 +883,18 @@ cdef class Dispatcher:
             self.accepted_total += 1
             self._assign(target, fd)
             accepted += 1
+            if self.stopping:
+                self.stop_quota -= 1
+                if self.stop_quota == 0:
+                    self._close_listener()  # all that was queued at the stop
+                    break
         return accepted
+
+    cdef void _close_listener(self) noexcept:
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, NULL)
+        close(self.listen_fd)
+        self.listen_fd = -1
+        self.listener_armed = False
 
     cdef void _pause_accepting(self, int err) noexcept:
         # Retrying at once would spin: nothing frees a descriptor until some
@@ -751,7 +911,9 @@ cdef class Dispatcher:
         cdef bint want = False
         cdef epoll_event event
         cdef int i
-        if self.listen_fd >= 0 and self.resume_accept_at == 0:
+        if self.listen_fd < 0:
+            return 0
+        if self.resume_accept_at == 0:
             self._observe_busy()
             want = self._pick() >= 0
             if not want:
@@ -759,7 +921,7 @@ cdef class Dispatcher:
                 # more: a worker that made room in between is seen here, any
                 # later one sends the nudge (see LoadPage).
                 for i in range(self.nslots):
-                    if self.slots[i].state == SLOT_ACTIVE:
+                    if self.slots[i].page != NULL:
                         atomic_store_u32(&self.slots[i].page.nudge, 1)
                 self._observe_busy()
                 want = self._pick() >= 0
@@ -773,39 +935,90 @@ cdef class Dispatcher:
 
     cdef int _flush(self, int i) except -1:
         cdef Slot *s = &self.slots[i]
-        cdef int k, err
-        if s.batch_len == 0:
+        cdef int k, err, count = s.batch_len
+        if count == 0:
             return 0
-        err = send_handoff(s.channel, s.batch, s.batch_len)
+        # Counted before the send, so the worker never counts one out first.
+        atomic_add_u32(&s.page.open, count)
+        atomic_add_u32(&s.page.queued, count)
+        err = send_handoff(s.channel, s.batch, count)
         if err == 0:
-            for k in range(s.batch_len):
-                fdq_push(&s.handed, s.batch[k])
-            s.handed_total += s.batch_len
+            # The worker's copy is the only one now (see the top).
+            close_all(s.batch, count)
+            s.sent += count
+            s.handed_total += count
             s.batch_len = 0
             return 0
+        atomic_sub_u32(&s.page.open, count)
+        atomic_sub_u32(&s.page.queued, count)
         # Not sent, so never seen by the worker: another can have them.
-        for k in range(s.batch_len):
+        for k in range(count):
             fdq_push(&self.orphans, s.batch[k])
         s.batch_len = 0
         if (err == errno.EAGAIN or err == errno.ENOBUFS or err == errno.ENOMEM
                 or err == errno.ETOOMANYREFS):
             # Its channel is full (it is not reading) or the kernel's limit
-            # on fds in flight is reached; try it again after it reports.
+            # on fds in flight is reached; try it again once it has read.
             s.congested = True
+            s.congested_at = in_flight(s)
         else:
-            self._close_slot(i, True)   # EPIPE, ECONNRESET: it is gone
+            self._close_slot(i)     # broken; its exit tells the supervisor
         return 0
 
     cdef int _send_stop(self, int i) except -1:
+        """COMMAND_STOP, then COMMAND_FINAL once nothing more will follow.
+
+        Stopping, the backlog and the orphans still go to the finishing
+        workers: a worker that held nothing for a moment must not exit while
+        there is more for it.  Retried by every _settle until sent.
+        """
         cdef Slot *s = &self.slots[i]
         cdef int err
         if s.batch_len:
-            return 0    # the batch goes first; retried by the next _settle
-        err = send_command(s.channel, COMMAND_STOP)
-        if err == 0 or (err != errno.EAGAIN and err != errno.ENOBUFS):
-            # Sent, or the worker is gone and its EOF will tell.
-            s.stop_pending = False
+            return 0    # the batch goes first
+        if s.stop_pending:
+            err = send_command(s.channel, COMMAND_STOP)
+            if err == errno.EAGAIN or err == errno.ENOBUFS:
+                return 0
+            s.stop_pending = False  # sent, or the worker is gone
+        if s.final_pending:
+            if self.stopping and (self.listen_fd >= 0 or self.orphans.count):
+                return 0
+            err = send_command(s.channel, COMMAND_FINAL)
+            if err == errno.EAGAIN or err == errno.ENOBUFS:
+                return 0
+            s.final_pending = False
         return 0
+
+    cdef uint32_t _reclaim(self, Slot *s) except? 0xFFFFFFFF:
+        """Take back what waits in the worker's end of its channel.
+
+        Each message goes either to the worker or to us, whole, so nothing
+        is served twice.  Returns how many connections came back.
+        """
+        cdef CommandMessage command
+        cdef int *fds = NULL
+        cdef uint32_t installed, k, taken = 0
+        cdef ssize_t received
+        if s.peer < 0:
+            return 0
+        while True:
+            received = receive_command(s.peer, &command, &self.reclaim_control,
+                                       &fds, &installed)
+            if received <= 0:
+                break   # EAGAIN: nothing more waits
+            if command.command != COMMAND_HANDOFF:
+                continue    # a stop the worker will not read now
+            for k in range(installed):
+                fdq_push(&self.orphans, fds[k])
+            s.reclaimed += command.count
+            atomic_sub_u32(&s.page.open, command.count)
+            atomic_sub_u32(&s.page.queued, command.count)
+            # Beyond `installed`: the primary itself is out of descriptors.
+            self.lost_total += command.count - installed
+            taken += installed
+        self.reclaimed_total += taken
+        return taken
 
     cdef int _read_reports(self, int i) except -1:
         cdef Slot *s = &self.slots[i]
@@ -816,42 +1029,31 @@ cdef class Dispatcher:
             if n < 0:
                 if errno.errno == errno.EINTR:
                     continue
-                if errno.errno != errno.EAGAIN:
-                    self._close_slot(i, True)   # ECONNRESET: the worker died
-                return 0
+                return 0    # EAGAIN
             for k in range(n):
-                if self.report_headers[k].msg_len != sizeof(ReportMessage):
-                    # Zero bytes is the end of the stream: the worker exited.
-                    # (Workers never send anything else of another size.)
-                    self._close_slot(i, True)
+                if self.report_headers[k].msg_len == 0:
+                    # The end of the stream: the worker's end is closed in
+                    # every process (the baseline modes keep no copy).  Its
+                    # exit tells the supervisor; stop watching now.
+                    self._close_slot(i)
                     return 0
-                self._apply_report(s, &self.reports[k])
+                if self.report_headers[k].msg_len == sizeof(ReportMessage):
+                    self._apply_report(s, &self.reports[k])
             if n < MAX_REPORTS_PER_READ:
                 return 0
         return 0
 
     cdef int _apply_report(self, Slot *s, ReportMessage *report) except -1:
-        cdef uint32_t k, count
-        s.congested = False
+        s.congested = False     # its loop turns: try its channel again
         s.last_heard = monotonic()
-        if report.handed:
-            count = report.handed if report.handed <= s.handed.count \
-                else s.handed.count
-            for k in range(count):
-                if k < report.taken:
-                    close(fdq_pop(&s.handed))
-                else:
-                    # The worker could not install it (out of descriptors).
-                    fdq_push(&self.orphans, fdq_pop(&s.handed))
-            if report.taken < report.handed:
-                if not s.starved:   # said once an episode, however long
-                    s.starved = True
-                    s.events |= EVENT_WORKER_FULL
-                    self.has_events = True
-                s.full_at = atomic_load_u32(&s.page.open)
-                s.full_until = monotonic() + WORKER_FULL_SECONDS
-            else:
-                s.starved = False
+        if report.lost:
+            # The kernel closed what the worker had no descriptor for.
+            s.lost += report.lost
+            self.lost_total += report.lost
+            s.events |= EVENT_WORKER_FULL
+            self.has_events = True
+            s.full_at = atomic_load_u32(&s.page.open)
+            s.full_until = monotonic() + WORKER_FULL_SECONDS
         if report.state == WORKER_READY and s.state == SLOT_STARTING:
             s.state = SLOT_ACTIVE
             s.events |= EVENT_READY
@@ -867,36 +1069,46 @@ cdef class Dispatcher:
             self.has_events = True
         return 0
 
-    cdef uint32_t _close_slot(self, int i, bint notify) except? 0xFFFFFFFF:
+    cdef uint32_t _close_slot(self, int i) except? 0xFFFFFFFF:
         """The worker in slot i is gone: queue what it never took for others."""
         cdef Slot *s = &self.slots[i]
-        cdef uint32_t orphaned = s.handed.count + s.batch_len
+        cdef uint32_t orphaned = s.batch_len
         cdef int k
         if s.channel < 0:
             return 0
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, s.channel, NULL)
-        close(s.channel)
-        s.channel = -1
-        while s.handed.count:
-            fdq_push(&self.orphans, fdq_pop(&s.handed))
         for k in range(s.batch_len):
             fdq_push(&self.orphans, s.batch[k])
         s.batch_len = 0
+        orphaned += self._reclaim(s)
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, s.channel, NULL)
+        close(s.channel)
+        s.channel = -1
+        if s.peer >= 0:
+            close(s.peer)
+            s.peer = -1
         if s.page != NULL:
             munmap(s.page, LOAD_PAGE_SIZE)
             s.page = NULL
         s.state = SLOT_EMPTY
         s.stop_pending = False
+        s.final_pending = False
+        s.congested = False
+        s.stuck = False
         s.orphaned = orphaned
-        if notify:
-            s.events |= EVENT_CLOSED
-            self.has_events = True
         return orphaned
 
     cdef void _drain_wake_fd(self) noexcept:
-        cdef char buffer[64]
-        while read(self.wake_fd, buffer, sizeof(buffer)) > 0:
-            pass
+        cdef unsigned char buffer[64]
+        cdef ssize_t n, k
+        while True:
+            n = read(self.wake_fd, buffer, sizeof(buffer))
+            if n <= 0:
+                return
+            for k in range(n):
+                if buffer[k] and self.signal_count < MAX_PENDING_SIGNALS:
+                    self.signals[self.signal_count] = buffer[k]
+                    self.signal_count += 1
+                    self.has_events = True
 
     cdef list _collect_events(self):
         cdef list events = []
@@ -905,8 +1117,8 @@ cdef class Dispatcher:
         if not self.has_events:
             return events
         for i in range(self.nslots):
-            for bit in (EVENT_READY, EVENT_DRAINING, EVENT_CLOSED,
-                        EVENT_WORKER_FULL, EVENT_RECYCLE):
+            for bit in (EVENT_READY, EVENT_DRAINING, EVENT_WORKER_FULL,
+                        EVENT_RECYCLE):
                 if self.slots[i].events & bit:
                     events.append((bit, i))
             self.slots[i].events = 0
@@ -914,6 +1126,9 @@ cdef class Dispatcher:
             if self.accept_events & bit:
                 events.append((bit, self.pause_errno))
         self.accept_events = 0
+        for i in range(self.signal_count):
+            events.append((EVENT_SIGNAL, self.signals[i]))
+        self.signal_count = 0
         self.has_events = False
         return events
 
@@ -935,9 +1150,9 @@ cdef class WorkerChannel:
         LoadPage local_page     # stands in for the shared one when there is none
         bint mapped
         uint32_t state
-        bint ack_waiting        # an acknowledgement the primary has not taken
-        ReportMessage ack
-        bint state_waiting
+        bint report_waiting     # a report the primary's socket had no room for
+        uint32_t lost           # handed connections not installed, to report
+        uint64_t lost_total
         HandoffControl control
         bint busy_held          # hold_busy(): begin/end leave the stamp alone
 
@@ -966,12 +1181,26 @@ cdef class WorkerChannel:
 
     @property
     def open_connections(self):
+        """Connections handed to this worker and not closed, in flight included."""
         return atomic_load_u32(&self.page.open)
 
     @property
     def queued(self):
-        """Handed connections this worker has not started reading."""
+        """Handed connections whose first request is not answered yet."""
         return atomic_load_u32(&self.page.queued)
+
+    @property
+    def lost(self):
+        """Handed connections the kernel closed: no descriptor was free for them."""
+        return self.lost_total
+
+    def set_fd_room(self, uint32_t room):
+        """How many connections this worker has descriptors for (0: unknown).
+
+        The primary hands it no more than that: what does not fit in a
+        process is closed by the kernel on receipt.
+        """
+        atomic_store_u32(&self.page.fd_room, room)
 
     def opened(self):
         """A connection this worker accepted itself (the baseline modes)."""
@@ -1028,47 +1257,34 @@ cdef class WorkerChannel:
         # The primary waits for room here (see LoadPage): wake it.
         if atomic_load_u32(&self.page.nudge) and \
                 atomic_exchange_u32(&self.page.nudge, 0):
-            self.state_waiting = True
+            self.report_waiting = True
             self._send_waiting()
 
     @property
     def backlogged(self):
         """True while a report waits for room in the primary's socket."""
-        return self.ack_waiting or self.state_waiting
+        return self.report_waiting
 
     def receive(self):
-        """Take what the primary has queued: (fds, stop, closed).
+        """Take what the primary has queued: (fds, stop, final, closed).
 
-        `fds` are the connections to serve, in order; each handoff is
-        acknowledged before this returns, that is before a byte of them is
-        read.  They count as open and queued connections from now on (see
-        dequeue).  `stop` is True when the primary asked this worker to finish
-        and exit; `closed` when the channel reached its end (the primary is
-        gone).
+        `fds` are the connections to serve, in order; the primary counted
+        them as this worker's open and queued connections when it sent them
+        (see dequeue and closed).  `stop` is True when the primary asked this
+        worker to finish what it holds, `final` when it said nothing more
+        will come (exit once idle), `closed` when the channel reached its end
+        (the primary is gone).
         """
         cdef CommandMessage command
-        cdef iovec iov
-        cdef msghdr msg
-        cdef cmsghdr *header
         cdef ssize_t received
-        cdef int *data
-        cdef uint32_t taken, k
+        cdef int *data = NULL
+        cdef uint32_t installed, k, lost
         cdef list fds = []
-        cdef bint stop = False, closed = False
+        cdef bint stop = False, final = False, closed = False
         while self.fd >= 0:
-            if self.ack_waiting and not self._send_waiting():
-                break   # the primary is not reading: take nothing more yet
-            iov.iov_base = &command
-            iov.iov_len = sizeof(command)
-            memset(&msg, 0, sizeof(msg))
-            msg.msg_iov = &iov
-            msg.msg_iovlen = 1
-            msg.msg_control = &self.control
-            msg.msg_controllen = sizeof(self.control)
-            received = recvmsg(self.fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+            received = receive_command(self.fd, &command, &self.control,
+                                       &data, &installed)
             if received < 0:
-                if errno.errno == errno.EINTR:
-                    continue
                 if errno.errno == errno.EAGAIN:
                     break
                 if errno.errno == errno.ECONNRESET:
@@ -1079,74 +1295,58 @@ cdef class WorkerChannel:
                 closed = True
                 break
             if command.command == COMMAND_HANDOFF:
-                taken = 0
-                header = CMSG_FIRSTHDR(&msg)
-                if (header != NULL and header.cmsg_level == SOL_SOCKET
-                        and header.cmsg_type == SCM_RIGHTS):
-                    # With MSG_CTRUNC (this process is out of descriptors)
-                    # the kernel installed the first ones and dropped the
-                    # rest; `taken` < `handed` tells the primary to re-send.
-                    taken = (header.cmsg_len - CMSG_LEN(0)) // sizeof(int)
-                    data = <int *>CMSG_DATA(header)
-                    for k in range(taken):
-                        fds.append(data[k])
-                atomic_add_u32(&self.page.open, taken)
-                atomic_add_u32(&self.page.queued, taken)
-                self.ack.handed = command.count
-                self.ack.taken = taken
-                self.ack.state = self.state
-                self.ack.reserved = 0
-                self.ack_waiting = True
-                self._send_waiting()
+                for k in range(installed):
+                    fds.append(data[k])
+                atomic_add_u32(&self.page.received, command.count)
+                if installed < command.count:
+                    # Out of descriptors: the kernel closed the rest.  They
+                    # were counted as ours; the primary must hear of it.
+                    lost = command.count - installed
+                    atomic_sub_u32(&self.page.open, lost)
+                    atomic_sub_u32(&self.page.queued, lost)
+                    self.lost += lost
+                    self.lost_total += lost
+                    self.report_waiting = True
             elif command.command == COMMAND_STOP:
                 stop = True
-        return fds, stop, closed
+            elif command.command == COMMAND_FINAL:
+                final = True
+        if self.report_waiting:
+            self._send_waiting()
+        return fds, stop, final, closed
 
     def report(self, uint32_t state):
         """Tell the primary this worker's state (a WorkerState)."""
         self.state = state
-        self.state_waiting = True
+        self.report_waiting = True
         self._send_waiting()
 
     def heartbeat(self):
-        """Tell the primary this worker's loop turns: its state once more.
-
-        Nothing is queued when a report already waits: that one will do.
-        """
-        if not self.state_waiting:
-            self.state_waiting = True
-            self._send_waiting()
+        """Tell the primary this worker's loop turns: its state once more."""
+        self.report_waiting = True
+        self._send_waiting()
 
     def flush(self):
         """Send what waits; True when nothing is left waiting."""
         return self._send_waiting()
 
     cdef bint _send_waiting(self) noexcept:
-        cdef ReportMessage state_report
-        if self.ack_waiting:
-            if not self._send_report(&self.ack):
-                return False
-            self.ack_waiting = False
-        if self.state_waiting:
-            state_report.handed = 0
-            state_report.taken = 0
-            state_report.state = self.state
-            state_report.reserved = 0
-            if not self._send_report(&state_report):
-                return False
-            self.state_waiting = False
-        return True
-
-    cdef bint _send_report(self, ReportMessage *report) noexcept:
         """False only when the primary's socket is full (retry later)."""
-        if self.fd < 0:
+        cdef ReportMessage report
+        if not self.report_waiting:
             return True
-        while send(self.fd, report, sizeof(ReportMessage),
-                   MSG_DONTWAIT | MSG_NOSIGNAL) < 0:
-            if errno.errno == errno.EINTR:
-                continue
-            # EPIPE: the primary is gone and nobody is left to tell.
-            return errno.errno != errno.EAGAIN and errno.errno != errno.ENOBUFS
+        report.state = self.state
+        report.lost = self.lost
+        if self.fd >= 0:
+            while send(self.fd, &report, sizeof(ReportMessage),
+                       MSG_DONTWAIT | MSG_NOSIGNAL) < 0:
+                if errno.errno == errno.EINTR:
+                    continue
+                if errno.errno == errno.EAGAIN or errno.errno == errno.ENOBUFS:
+                    return False
+                break   # EPIPE: the primary is gone, nobody is left to tell
+        self.report_waiting = False
+        self.lost = 0
         return True
 
 

@@ -53,6 +53,19 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t recvmsg(int fd, msghdr *msg, int flags)
     int recvmmsg(int fd, mmsghdr *vmessages, unsigned int vlen, int flags,
                  void *timeout)
+    int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    int IPPROTO_TCP
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    int TCP_INFO
+
+    struct tcp_info:
+        unsigned char tcpi_state
+        uint32_t tcpi_unacked   # on a listener: connections in its accept queue
 
 
 cdef extern from "<sys/epoll.h>" nogil:

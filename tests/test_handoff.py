@@ -1,102 +1,419 @@
-"""The Cython fd handoff on its own: a socketpair, no server."""
+"""The Cython handoff on its own: the Dispatcher and WorkerChannel over real
+socketpairs and a real TCP listener, in this process, no server.
+
+A "worker" here is a WorkerChannel the test drives by hand; "dying" is
+closing it, as the kernel does when a worker process exits.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import select
+import signal
 import socket
+import time
 
 import pytest
 
-from cydispatch._dispatch import Dispatcher, WorkerChannel, WorkerState, send_fds
+from cydispatch._dispatch import Dispatcher, Event, WorkerChannel, WorkerState, send_fds
 from waiting import wait_until
 
 
+# Fixtures: a listener, workers, clients
+
+class Rig:
+    """A Dispatcher on a loopback listener, with workers attached by hand."""
+
+    def __init__(self, queue_depth: int = 2) -> None:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=512)
+        listener.setblocking(False)
+        self.address = listener.getsockname()
+        self.dispatcher = Dispatcher(listener.detach(), -1, "least-conn", 1024,
+                                     queue_depth)
+        self.workers: dict[int, WorkerChannel] = {}
+        self.channel_copies: dict[int, int] = {}
+        self.clients: list[socket.socket] = []
+
+    def attach(self, slot: int, keep_channel_copy: bool = False) -> WorkerChannel:
+        primary_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        load_fd = os.memfd_create("load", os.MFD_CLOEXEC)
+        os.ftruncate(load_fd, 4096)
+        if keep_channel_copy:
+            self.channel_copies[slot] = os.dup(primary_end.fileno())
+        # The dispatcher keeps a copy of the worker's end, as the supervisor
+        # arranges: the worker process has the other.
+        self.dispatcher.attach(slot, primary_end.detach(), load_fd,
+                               os.dup(worker_end.fileno()))
+        worker = WorkerChannel(worker_end.detach(), load_fd)
+        os.close(load_fd)
+        worker.report(WorkerState.WORKER_READY)
+        wait_until(lambda: (Event.EVENT_READY, slot) in self.dispatcher.run(0),
+                   message=f"worker {slot} to be ready")
+        self.workers[slot] = worker
+        return worker
+
+    def connect(self, count: int) -> list[socket.socket]:
+        """`count` clients, each with a request sent; in the listener's backlog."""
+        made = []
+        for _ in range(count):
+            client = socket.create_connection(self.address)
+            client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            made.append(client)
+        self.clients.extend(made)
+        return made
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for worker in self.workers.values():
+            worker.close()
+        for fd in self.channel_copies.values():
+            os.close(fd)
+
+
 @pytest.fixture
-def channel():
-    primary, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    yield primary, WorkerChannel(worker.detach())
-    primary.close()
+def rig():
+    made: list[Rig] = []
+
+    def make(**kwargs) -> Rig:
+        made.append(Rig(**kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
-def distinct_fds(count: int) -> list[int]:
-    """`count` fds, each told apart by its inode (pipe ends)."""
-    fds = []
-    while len(fds) < count:
-        fds.extend(os.pipe())
-    if len(fds) > count:
-        os.close(fds.pop())
-    return fds
+def peers_of(fds: list[int]) -> list[tuple]:
+    """The client address of each received connection (and close it)."""
+    addresses = []
+    for fd in fds:
+        with socket.socket(fileno=fd) as conn:
+            addresses.append(conn.getpeername())
+    return addresses
 
 
-def inode(fd: int) -> int:
-    return os.fstat(fd).st_ino, os.fstat(fd).st_dev
+def addresses(clients: list[socket.socket]) -> list[tuple]:
+    return [client.getsockname() for client in clients]
 
 
-def test_600_fds_arrive_complete_and_in_order(channel):
-    primary, worker = channel
-    sent = distinct_fds(600)
-    identities = [inode(fd) for fd in sent]
-    assert send_fds(primary.fileno(), sent) == 3     # 253 + 253 + 94
-    for fd in sent:
-        os.close(fd)                                 # in flight, the kernel holds them
-    received, stop, closed = worker.receive()
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def limit_leaving(free: int) -> int:
+    """A descriptor limit under which exactly `free` more fds can be opened.
+
+    The limit bounds fd numbers, not their count: count the gaps below it.
+    """
+    used = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):     # the listing's own fd, closed now
+            os.fstat(int(name))
+            used.add(int(name))
+    number = -1
+    while free:
+        number += 1
+        if number not in used:
+            free -= 1
+    return number + 1
+
+
+def hand_out(r: Rig, expected: int) -> None:
+    """Run the dispatcher until `expected` connections have been accepted."""
+    wait_until(lambda: r.dispatcher.run(0) is not None
+               and r.dispatcher.accepted >= expected,
+               message=f"{expected} connections accepted")
+
+
+# The handoff itself
+
+def test_the_primary_keeps_no_copy_of_a_handed_connection(rig):
+    r = rig()
+    worker = r.attach(0)
+    before = open_fds()
+    [client] = r.connect(1)
+    hand_out(r, 1)
+    # In flight, the connection is held by the channel, not by an fd here.
+    assert open_fds() == before + 1     # the client's own socket
+    assert r.dispatcher.load(0) == (1, 1, 1, 1)     # open, queued, in flight, handed
+    [fd] = worker.receive()[0]
+    assert r.dispatcher.load(0)[2] == 0
+    # The worker's close is the last one: the client sees the end at once.
+    assert os.read(fd, 64).startswith(b"GET / ")
+    os.close(fd)
+    worker.dequeue()
+    worker.closed()
+    client.settimeout(5)
+    assert client.recv(1) == b""
+    assert r.dispatcher.load(0)[:3] == (0, 0, 0)
+
+
+def test_600_fds_arrive_complete_and_in_order():
+    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = WorkerChannel(worker_end.detach())
+    sent = []
+    while len(sent) < 600:
+        sent.extend(os.pipe())
+    identities = [os.fstat(fd).st_ino for fd in sent]
     try:
-        assert [inode(fd) for fd in received] == identities
-        assert not stop and not closed
-        assert worker.open_connections == 600
-    finally:
+        assert send_fds(primary.fileno(), sent) == 3     # 253 + 253 + 94
+        for fd in sent:
+            os.close(fd)                                 # in flight, the kernel holds them
+        received, stop, final, closed = worker.receive()
+        assert [os.fstat(fd).st_ino for fd in received] == identities
+        assert not stop and not final and not closed
         for fd in received:
             os.close(fd)
-    # One acknowledgement per message: (handed, taken, state).
-    acks = [primary.recv(64) for _ in range(3)]
-    assert [int.from_bytes(ack[0:4], "little") for ack in acks] == [253, 253, 94]
-    assert [int.from_bytes(ack[4:8], "little") for ack in acks] == [253, 253, 94]
+        # Nothing comes back: a worker acknowledges nothing.
+        with pytest.raises(BlockingIOError):
+            primary.recv(64, socket.MSG_DONTWAIT)
+    finally:
+        worker.close()
+        primary.close()
 
 
-@pytest.mark.parametrize("batch", [1, 64, 253])
-def test_batch_size_sets_the_message_count(channel, batch):
-    primary, worker = channel
-    sent = distinct_fds(250)    # a channel holds about 278 messages, whatever their size
-    assert send_fds(primary.fileno(), sent, batch=batch) == -(-250 // batch)
-    received, _, _ = worker.receive()
-    assert [inode(fd) for fd in received] == [inode(fd) for fd in sent]
-    for fd in sent + received:
-        os.close(fd)
-
-
-def test_batch_size_is_bounded_by_the_kernel_limit(channel):
-    primary, _ = channel
-    with pytest.raises(ValueError):
+def test_batch_size_is_bounded_by_the_kernel_limit():
+    primary, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with primary, other, pytest.raises(ValueError):
         send_fds(primary.fileno(), [0], batch=254)
 
 
-def test_closed_primary_is_reported(channel):
-    primary, worker = channel
+def test_closed_primary_is_reported():
+    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = WorkerChannel(worker_end.detach())
     primary.close()
-    assert worker.receive() == ([], False, True)
+    assert worker.receive() == ([], False, False, True)
+    worker.close()
 
 
-def test_state_reports_reach_the_primary(channel):
-    primary, worker = channel
+def test_state_reports_reach_the_primary():
+    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = WorkerChannel(worker_end.detach())
     worker.report(WorkerState.WORKER_READY)
     report = primary.recv(64)
-    assert int.from_bytes(report[8:12], "little") == WorkerState.WORKER_READY
-    assert int.from_bytes(report[0:4], "little") == 0   # no handoff acknowledged
+    assert int.from_bytes(report[0:4], "little") == WorkerState.WORKER_READY
+    assert int.from_bytes(report[4:8], "little") == 0   # nothing lost
+    worker.close()
+    primary.close()
 
 
-def test_heartbeats_keep_a_worker_from_looking_silent():
-    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    load_fd = os.memfd_create("load", os.MFD_CLOEXEC)
-    os.ftruncate(load_fd, 4096)
-    dispatcher = Dispatcher()
-    dispatcher.attach(0, primary.detach(), load_fd)
-    os.close(load_fd)
-    worker = WorkerChannel(worker_end.detach())
+def test_heartbeats_keep_a_worker_from_looking_silent(rig):
+    r = rig()
+    worker = r.attach(0)
     # Silence grows while the worker says nothing...
-    wait_until(lambda: dispatcher.silence(0) >= 0.2, message="silence to grow")
+    wait_until(lambda: r.dispatcher.silence(0) >= 0.2, message="silence to grow")
     # ...and a heartbeat, read by the dispatcher's loop, resets it.
     worker.heartbeat()
-    dispatcher.run(0)
-    assert dispatcher.silence(0) < 0.2
-    assert dispatcher.silence(5) == 0.0     # no worker there: never silent
-    worker.close()
+    r.dispatcher.run(0)
+    assert r.dispatcher.silence(0) < 0.2
+    assert r.dispatcher.silence(5) == 0.0     # no worker there: never silent
+
+
+def test_a_heartbeat_that_finds_the_socket_full_is_sent_later():
+    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = WorkerChannel(worker_end.detach())
+    try:
+        sent = 0
+        while True:
+            worker.heartbeat()
+            if worker.backlogged:
+                break
+            sent += 1
+        # The primary's socket is full; the report waits, it is not dropped.
+        assert not worker.flush()
+        for _ in range(sent):
+            primary.recv(64)
+        assert worker.flush()
+        assert not worker.backlogged
+        assert len(primary.recv(64)) == 8
+    finally:
+        worker.close()
+        primary.close()
+
+
+# Nothing lost: workers that die, stall, run out of descriptors
+
+def test_what_a_dead_worker_never_received_goes_to_another(rig):
+    r = rig()
+    doomed = r.attach(0)
+    clients = r.connect(2)
+    hand_out(r, 2)
+    assert r.dispatcher.load(0)[2] == 2     # in its channel, unread
+    doomed.close()                          # it dies: its end closes
+    assert r.dispatcher.detach(0) == 2
+    heir = r.attach(1)
+    r.dispatcher.run(0)
+    received = heir.receive()[0]
+    assert peers_of(received) == addresses(clients)
+    assert r.dispatcher.redispatched == 2
+
+
+def test_a_worker_that_dies_mid_batch_keeps_what_it_took(rig):
+    r = rig(queue_depth=8)
+    doomed = r.attach(0)
+    first = r.connect(2)
+    hand_out(r, 2)
+    second = r.connect(3)
+    hand_out(r, 5)
+    # It takes the first message, then dies before the second.
+    raw = socket.socket(fileno=os.dup(doomed.fileno()))
+    _, taken, _, _ = socket.recv_fds(raw, 8, 253)
+    raw.close()
+    assert peers_of(taken) == addresses(first)  # and closed: they were its own
+    doomed.close()
+    assert r.dispatcher.detach(0) == 3
+    heir = r.attach(1)
+    r.dispatcher.run(0)
+    received = heir.receive()[0]
+    assert peers_of(received) == addresses(second)
+
+
+def test_a_stuck_worker_gives_back_what_it_has_not_received(rig):
+    r = rig()
+    stuck = r.attach(0)
+    clients = r.connect(2)
+    hand_out(r, 2)
+    assert r.dispatcher.load(0)[2] == 2
+    stuck.begin()                           # enters a request and stays there
+    entered = time.monotonic()
+    wait_until(lambda: time.monotonic() - entered > 0.001,
+               message="a millisecond in one request")
+    free = r.attach(1)                      # its run() looks at the stuck one
+    wait_until(lambda: r.dispatcher.run(0) is not None and r.dispatcher.reclaimed == 2,
+               message="the stuck worker's connections taken back")
+    received = free.receive()[0]
+    assert peers_of(received) == addresses(clients)
+    assert stuck.receive()[0] == []
+    assert (stuck.open_connections, stuck.queued) == (0, 0)
+    stuck.end()
+
+
+def test_a_full_channel_sends_connections_elsewhere(rig):
+    r = rig()
+    blocked = r.attach(0, keep_channel_copy=True)
+    # Something fills its channel (it stopped reading long ago).
+    copy = socket.socket(fileno=os.dup(r.channel_copies[0]))
+    while True:
+        try:
+            copy.send(b"\0" * 8, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+    copy.close()
+    free = r.attach(1)
+    clients = r.connect(6)
+    received = []
+
+    def all_at_the_free_worker() -> bool:
+        r.dispatcher.run(0)
+        fds = free.receive()[0]
+        for _ in fds:
+            free.dequeue()      # answered: room in its queue for the next
+        received.extend(fds)
+        return len(received) == 6
+
+    wait_until(all_at_the_free_worker, message="six connections at the free worker")
+    assert sorted(peers_of(received)) == sorted(addresses(clients))
+    assert blocked.open_connections == 0
+
+
+@contextlib.contextmanager
+def descriptor_limit(soft: int):
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+def test_stop_out_of_descriptors_hands_out_the_whole_backlog(rig):
+    r = rig()
+    first, second = r.attach(0), r.attach(1)
+    clients = r.connect(100)
+    # Room for 8 more descriptors: the dispatcher must send (and so close)
+    # what it accepted before it can accept more.
+    with descriptor_limit(limit_leaving(8)):
+        taken = r.dispatcher.close_listener()
+    assert taken == 100
+    assert not r.dispatcher.listening
+    received = first.receive()[0] + second.receive()[0]
+    assert sorted(peers_of(received)) == sorted(addresses(clients))
+
+
+def test_a_worker_out_of_descriptors_reports_what_the_kernel_closed(rig):
+    r = rig(queue_depth=50)
+    worker = r.attach(0)
+    r.connect(20)
+    hand_out(r, 20)
+    # Room for 5: the kernel installs five and closes the other fifteen.
+    with descriptor_limit(limit_leaving(5)):
+        received = worker.receive()[0]
+    assert len(received) == 5
+    assert worker.lost == 15
+    assert (worker.open_connections, worker.queued) == (5, 5)
+    events = []
+    wait_until(lambda: events.extend(r.dispatcher.run(0)) is None
+               and (Event.EVENT_WORKER_FULL, 0) in events,
+               message="the primary to hear of it")
+    assert r.dispatcher.lost(0) == 15
+    for fd in received:
+        os.close(fd)
+
+
+def test_the_primary_hands_a_worker_no_more_than_it_has_descriptors_for(rig):
+    r = rig(queue_depth=50)
+    worker = r.attach(0)
+    worker.set_fd_room(3)
+    r.connect(5)
+    events = []
+    wait_until(lambda: events.extend(r.dispatcher.run(0)) is None
+               and r.dispatcher.accepted == 3, message="three handed")
+    assert (Event.EVENT_WORKER_FULL, 0) in events
+    for _ in range(20):
+        r.dispatcher.run(0)
+    assert r.dispatcher.accepted == 3       # the other two wait in the backlog
+    received = worker.receive()[0]
+    os.close(received[0])
+    worker.dequeue()
+    worker.closed()                         # room for one more
+    wait_until(lambda: r.dispatcher.run(0) is not None and r.dispatcher.accepted == 4,
+               message="a fourth handed once one closed")
+    for fd in received[1:]:
+        os.close(fd)
+
+
+# Signals
+
+def test_every_delivered_signal_is_an_event():
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    dispatcher = Dispatcher(-1, wake_r)
+    try:
+        # What Python's C handler writes: one byte per delivery.  Its Python
+        # handler may run once for both; the bytes still count two.
+        os.write(wake_w, bytes([signal.SIGTTIN, signal.SIGTTIN]))
+        assert dispatcher.run(0) == [(Event.EVENT_SIGNAL, signal.SIGTTIN)] * 2
+        assert dispatcher.run(0) == []
+    finally:
+        del dispatcher
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def test_a_signal_wakes_a_waiting_dispatcher():
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    old_handler = signal.signal(signal.SIGUSR1, lambda *args: None)
+    dispatcher = Dispatcher(-1, wake_r)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert select.select([wake_r], [], [], 5)[0]
+        assert dispatcher.run(5) == [(Event.EVENT_SIGNAL, signal.SIGUSR1)]
+    finally:
+        signal.signal(signal.SIGUSR1, old_handler)
+        signal.set_wakeup_fd(old_fd)
+        del dispatcher
+        os.close(wake_r)
+        os.close(wake_w)

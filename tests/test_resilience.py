@@ -15,9 +15,10 @@ import time
 
 import pytest
 
-from http_client import get
+from conftest import APPS
+from http_client import Connection, get
 from load_client import LoadClient, failures, summary
-from observe import alive, processes_in_group
+from observe import alive, busy_worker, listen_queue, processes_in_group
 from cydispatch.bench.server import STARTED, ServerFailed
 from waiting import DEADLINE, wait_until
 
@@ -187,6 +188,28 @@ def test_ttin_adds_a_worker_and_ttou_retires_one(start_server, mode):
     assert server.proc.poll() is None
 
 
+def test_signals_sent_back_to_back_each_count(start_server):
+    server = start_server()
+    first = set(server.started_workers())
+
+    def delivered(signum: int) -> bool:
+        # The kernel itself merges a signal sent while the same one is still
+        # pending: wait for the first delivery (not for its handling).
+        with open(f"/proc/{server.pid}/status") as f:
+            pending = {line.split(":")[0]: int(line.split()[1], 16)
+                       for line in f if line.startswith(("SigPnd", "ShdPnd"))}
+        return not any(mask & (1 << (signum - 1)) for mask in pending.values())
+
+    for signum, count in ((signal.SIGTTIN, 4), (signal.SIGTTOU, 2)):
+        os.kill(server.pid, signum)
+        wait_until(lambda: delivered(signum), message="the first signal delivered")
+        os.kill(server.pid, signum)
+        server.wait_for_log(rf"(Adding|Removing) a worker: {count} now")
+        wait_until(lambda: len(server.worker_pids()) == count,
+                   message=f"{count} workers")
+    assert set(server.worker_pids()) == first
+
+
 # The watchdog
 
 @pytest.mark.parametrize("mode", ["dispatch", "shared", "reuseport"])
@@ -305,8 +328,8 @@ def test_max_requests_replaces_workers_without_failing_a_request(start_server, m
 # The primary out of descriptors when it starts a worker
 
 def test_a_worker_that_cannot_be_started_is_retried_and_service_goes_on(start_server):
-    # 16 descriptors: the primary's own, plus one channel per worker, plus
-    # three while it starts one; a worker needs about 15 of its own.
+    # 16 descriptors: the primary's own, plus two per worker (both ends of
+    # its channel), plus three while it starts one; a worker needs about 15.
     server = start_server(workers=1, wrapper=("prlimit", "--nofile=16:16"))
     cannot = r"Cannot start a worker: Too many open files; trying again in [\d.]+ s"
     for added in range(2, 12):
@@ -323,15 +346,84 @@ def test_a_worker_that_cannot_be_started_is_retried_and_service_goes_on(start_se
     server.wait_for_log(cannot, count=3)
     assert get(server.host, server.port).status == 200
     assert server.proc.poll() is None
-    # Fewer workers free descriptors; then a new one starts.
+    # Fewer workers free descriptors; then a new one starts.  The last slot
+    # has no worker (it could not start one): removing it frees nothing.
     workers = len(server.worker_pids())
-    for removed in range(1, 5):
-        # One at a time: signals sent together are delivered once.
+    slots_to_remove = min(4, added - 1)
+    for removed in range(1, slots_to_remove + 1):
         server.proc.send_signal(signal.SIGTTOU)
         server.wait_for_log(rf"Removing a worker: {added - removed} now")
-    wait_until(lambda: len(server.worker_pids()) == workers - 3,
-               message="three workers to retire")
+    wait_until(lambda: len(server.worker_pids()) == workers - (slots_to_remove - 1),
+               message="the removed slots' workers to retire")
     started = len(server.find(STARTED))
     server.proc.send_signal(signal.SIGTTIN)
     server.wait_for_log(STARTED, count=started + 1)
     assert get(server.host, server.port).status == 200
+
+
+# Workers that stop on their own, or do not stop
+
+def test_a_worker_that_drains_on_its_own_is_replaced_at_once(start_server):
+    server = start_server("--graceful-timeout", "20", workers=1)
+    [old] = server.started_workers()
+    with Connection(server.host, server.port) as unfinished:
+        # A request in progress (its head not complete yet) keeps it draining.
+        unfinished.sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n")
+        wait_until(lambda: listen_queue(server.port) == 0 and get(server.host, server.port),
+                   message="the connection handed to the worker")
+        os.kill(old, signal.SIGTERM)        # someone else stops it
+        server.wait_for_log(rf"Worker {old} is finishing its connections; "
+                            r"starting its successor")
+        new = wait_until(lambda: new_workers(server, {old}), message="a successor")
+        wait_until(lambda: get(server.host, server.port).pid in new,
+                   message="the successor to serve")
+        assert alive(old), "the successor serves while the old one finishes"
+        unfinished.sock.sendall(b"\r\n")
+        assert unfinished.response().pid == old
+    server.wait_for_log(rf"Worker {old} exited \(exit code 0\)")
+
+
+def test_a_worker_stuck_at_exit_is_killed_after_the_graceful_timeout(start_server):
+    server = start_server("hangs_at_exit:app", "--app-dir", APPS,
+                          "--graceful-timeout", "1", workers=1)
+    [old] = server.started_workers()
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(rf"Worker \d+ replaces worker {old}")
+    server.wait_for_log(rf"Worker {old} did not exit within --graceful-timeout 1 s; "
+                        r"killing it")
+    server.wait_for_log(rf"Worker {old} exited \(signal SIGKILL\)")
+    assert get(server.host, server.port).body == b"still here"
+
+
+# A stop with a full backlog
+
+@pytest.mark.parametrize("limit", ["64:4096", "64:64"])
+def test_a_stop_answers_every_request_waiting_in_the_backlog(start_server, limit):
+    # 64:4096: the primary raises its soft limit.  64:64: it cannot; each
+    # worker has room for a few dozen connections, and the primary hands the
+    # backlog out as they free up, keeping the listener until it is empty.
+    server = start_server("--graceful-timeout", "60", wrapper=("prlimit", f"--nofile={limit}"))
+    workers = server.worker_pids()
+    for pid in workers:
+        stop_process(pid)
+    conns = []
+    try:
+        for _ in range(400):
+            conn = Connection(server.host, server.port)
+            conn.request("/")
+            conns.append(conn)
+        wait_until(lambda: listen_queue(server.port) >= 390,
+                   message="the requests to wait in the backlog")
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for_log("Stopping: finishing requests in progress")
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        statuses = []
+        for conn in conns:
+            statuses.append(conn.response().status)
+            conn.close()    # as a client does once answered: frees the worker's fd
+        assert statuses == [200] * 400
+    finally:
+        for conn in conns:
+            conn.close()
+    assert server.proc.wait(DEADLINE) == 0

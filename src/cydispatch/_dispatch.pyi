@@ -17,11 +17,11 @@ class WorkerState(enum.IntEnum):
 class Event(enum.IntEnum):
     EVENT_READY = 1
     EVENT_DRAINING = 2
-    EVENT_CLOSED = 4
     EVENT_ACCEPT_PAUSED = 8
     EVENT_ACCEPT_RESUMED = 16
     EVENT_WORKER_FULL = 32
     EVENT_RECYCLE = 64
+    EVENT_SIGNAL = 128
 
 def send_fds(channel: int, fds: list[int], batch: int = 253) -> int:
     """Hand fds over a channel in messages of at most `batch`; the message count."""
@@ -32,26 +32,30 @@ class Dispatcher:
     def __init__(self, listen_fd: int = -1, wake_fd: int = -1,
                  policy: str = "least-conn", max_conns: int = 1024,
                  queue_depth: int = 2) -> None: ...
-    def attach(self, slot: int, channel_fd: int, load_fd: int) -> None:
-        """A new worker in `slot`: its channel (owned from now on) and load page."""
+    def attach(self, slot: int, channel_fd: int, load_fd: int, peer_fd: int = -1) -> None:
+        """A new worker in `slot`: its channel, load page and the worker's end (owned)."""
     def detach(self, slot: int) -> int:
-        """The worker in `slot` exited; how many of its connections go to others."""
+        """The worker in `slot` exited; how many connections it never received go to others."""
     def retire(self, slot: int) -> None:
         """Hand `slot` nothing more, then tell its worker to stop."""
     def close_listener(self) -> int:
-        """Hand out what the backlog holds, then close; how many that was."""
+        """Stop: hand out what the backlog holds, close once it is empty; how many."""
     def silence(self, slot: int) -> float:
         """Seconds since the worker in `slot` last reported (its heartbeat)."""
     def load(self, slot: int) -> tuple[int, int, int, int]:
         """(open, queued, in_flight, handed_total) for the worker in `slot`."""
+    def lost(self, slot: int) -> int:
+        """Connections the worker could not install (out of descriptors) since last asked."""
     def run(self, timeout: float) -> list[tuple[int, int]]:
-        """Serve until Python has work: [(Event, slot or errno), ...]."""
+        """Serve until Python has work: [(Event, slot or errno or signal), ...]."""
     @property
     def orphans(self) -> int: ...
     @property
     def accepted(self) -> int: ...
     @property
     def redispatched(self) -> int: ...
+    @property
+    def reclaimed(self) -> int: ...
     @property
     def listening(self) -> bool: ...
 
@@ -64,8 +68,8 @@ class WorkerChannel:
     open_connections: int
     @property
     def backlogged(self) -> bool: ...
-    def receive(self) -> tuple[list[int], bool, bool]:
-        """(fds, stop, closed); each handoff acknowledged before this returns."""
+    def receive(self) -> tuple[list[int], bool, bool, bool]:
+        """(fds, stop, final, closed); the primary counted the fds in when it sent them."""
     def report(self, state: int) -> None: ...
     def heartbeat(self) -> None: ...
     def opened(self) -> None: ...
@@ -79,4 +83,7 @@ class WorkerChannel:
         """`coro`, with begin() and end() around each of its steps."""
     @property
     def queued(self) -> int: ...
+    @property
+    def lost(self) -> int: ...
+    def set_fd_room(self, room: int) -> None: ...
     def flush(self) -> bool: ...

@@ -11,8 +11,9 @@ slot briefly has two workers: the one serving and its successor, which takes
 over once it is ready.  Each live worker has a channel, numbered for the
 dispatcher; channel numbers are reused once free.
 
-As in gunicorn's arbiter, signal handlers only queue the signal; the loop
-dispatches it to a handle_<name> method.
+Signals are counted from the wake-up fd, one byte per delivery (Python runs
+a handler once for several deliveries of one signal: two SIGTTIN in a row
+would add one worker); the loop dispatches each to a handle_<name> method.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -52,14 +54,13 @@ WORKER_EXIT_MARGIN = 2.0
 # The longest the primary sleeps between looks at its timers.
 TICK_SECONDS = 1.0
 LOAD_PAGE_SIZE = 4096
-SIGNAL_QUEUE_LIMIT = 16
 
 
 class WorkerProcess:
     """One live worker process and what the primary knows of it."""
 
     __slots__ = ("pid", "channel", "slot", "ready", "started_at", "retiring",
-                 "kill_at")
+                 "kill_at", "exit_by")
 
     def __init__(self, pid: int, channel: int, slot: WorkerSlot) -> None:
         self.pid = pid
@@ -69,6 +70,7 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         self.retiring = False       # told to finish and exit; replaced already
         self.kill_at = 0.0          # watchdog: SIGKILL then, if still alive
+        self.exit_by = 0.0          # retiring: SIGKILL then, if still alive
 
 
 class WorkerSlot:
@@ -116,7 +118,6 @@ class Arbiter:
         # --max-requests), oldest request first.
         self.replacements: list[WorkerSlot] = []
         self.reloading = False
-        self.signal_queue: list[int] = []
         self.stopping = False
         self.stop_deadline = 0.0
         self.killed = False
@@ -151,12 +152,29 @@ class Arbiter:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in self.SIGNALS:
-            signal.signal(sig, self.queue_signal)
+            signal.signal(sig, self.note_signal)
 
-    def queue_signal(self, signum: int, frame) -> None:
-        # Nothing else here: the loop wakes on the wake-up fd and does the work.
-        if len(self.signal_queue) < SIGNAL_QUEUE_LIMIT:
-            self.signal_queue.append(signum)
+    def note_signal(self, signum: int, frame) -> None:
+        """Nothing: the byte Python's C handler writes to the wake-up fd counts.
+
+        A handler must be installed for that byte to be written (and for the
+        default actions, such as stopping on SIGTTIN, not to happen).
+        """
+
+    def raise_descriptor_limit(self) -> None:
+        """Soft RLIMIT_NOFILE up to the hard one, as HAProxy and nginx do.
+
+        The primary holds a whole backlog while stopping and each worker a
+        connection per client; the soft limit (often 1024) is a default for
+        programs that never need more.  Workers inherit it.
+        """
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            except (OSError, ValueError) as exc:
+                log.warning("cannot raise the descriptor limit from %d to %d: %s",
+                            soft, hard, exc)
 
     def yield_to_workers(self) -> None:
         """Run the primary as SCHED_BATCH: it does not preempt a busy worker.
@@ -183,6 +201,7 @@ class Arbiter:
 
     def run(self) -> int:
         settings = self.settings
+        self.raise_descriptor_limit()
         self.open_listener()
         self.install_signals()
         listen_fd = self.listener.detach() if settings.mode == "dispatch" else -1
@@ -204,7 +223,6 @@ class Arbiter:
                 self.start_next_replacement()
                 for event, arg in self.dispatcher.run(self.sleep_time()):
                     self.handle_event(event, arg)
-                self.handle_signals()
                 self.watch_workers()
                 self.check_stop_deadline()
         finally:
@@ -214,7 +232,7 @@ class Arbiter:
         return self.exit_code
 
     def sleep_time(self) -> float:
-        """Until the next timer: a delayed start, a watchdog kill, the stop deadline."""
+        """Until the next timer: a delayed start, a kill, the stop deadline."""
         now = time.monotonic()
         due = [now + TICK_SECONDS]
         if self.stopping and not self.killed:
@@ -226,9 +244,13 @@ class Arbiter:
             if self.replacements and self.replacements[0].start_at > now:
                 due.append(self.replacements[0].start_at)
         due += [w.kill_at for w in self.workers.values() if w.kill_at]
+        due += [w.exit_by for w in self.workers.values() if w.exit_by]
         return max(0.0, min(due) - now)
 
     def handle_event(self, event: int, channel: int) -> None:
+        if event == Event.EVENT_SIGNAL:
+            self.handle_signal(channel)
+            return
         if event in (Event.EVENT_ACCEPT_PAUSED, Event.EVENT_ACCEPT_RESUMED):
             self.handle_accept_event(event, channel)
             return
@@ -244,12 +266,18 @@ class Arbiter:
                 log.info("Replacing worker %d: it reached --max-requests", worker.pid)
                 self.replacements.append(slot)
         elif event == Event.EVENT_DRAINING:
-            log.info("Worker %d is finishing its connections", worker.pid)
-        elif event == Event.EVENT_CLOSED:
-            log.debug("Worker %d closed its channel", worker.pid)
+            self.worker_draining(worker)
         elif event == Event.EVENT_WORKER_FULL:
-            log.warning("Worker %d is out of file descriptors; it gets no new "
-                        "connections until some of its own close", worker.pid)
+            lost = self.dispatcher.lost(channel)
+            if lost:
+                # Its descriptors went to something else than connections
+                # (the app opened files): the kernel closed these on receipt.
+                log.error("Worker %d ran out of file descriptors: %d connections "
+                          "handed to it were closed", worker.pid, lost)
+            else:
+                log.warning("Worker %d is out of file descriptors; new "
+                            "connections wait in the backlog until some of its "
+                            "own close", worker.pid)
 
     def handle_accept_event(self, event: int, err: int) -> None:
         if event == Event.EVENT_ACCEPT_PAUSED:
@@ -258,11 +286,11 @@ class Arbiter:
         else:
             log.info("Accepting connections again")
 
-    def handle_signals(self) -> None:
-        while self.signal_queue:
-            signum = self.signal_queue.pop(0)
-            name = signal.Signals(signum).name[3:].lower()
-            getattr(self, "handle_" + name)()
+    def handle_signal(self, signum: int) -> None:
+        if signum not in self.SIGNALS:
+            return
+        name = signal.Signals(signum).name[3:].lower()
+        getattr(self, "handle_" + name)()
 
     # Workers
 
@@ -292,6 +320,30 @@ class Arbiter:
             slot.start_at = time.monotonic() + delay
             return None
 
+    def worker_draining(self, worker: WorkerProcess) -> None:
+        """A worker finishes up on its own (someone sent it SIGTERM): replace it now.
+
+        It takes no new connections from here on; waiting for its exit to
+        start a successor would leave its CPU unserved meanwhile.
+        """
+        if worker.retiring or self.stopping:
+            return
+        log.info("Worker %d is finishing its connections; starting its "
+                 "successor", worker.pid)
+        self.retire(worker)
+        slot = worker.slot
+        if worker is slot.successor:
+            slot.successor = None
+            self.successor_died(slot)
+        elif worker is slot.worker:
+            slot.worker = None
+            if slot.successor is not None:
+                slot.worker, slot.successor = slot.successor, None
+                if slot in self.replacements:
+                    self.replacements.remove(slot)
+            else:
+                slot.start_at = time.monotonic()
+
     def free_channel(self) -> int:
         channel = 0
         while channel in self.channels:
@@ -311,10 +363,15 @@ class Arbiter:
             spec = WorkerSpec(settings, slot.index, slot.cpu,
                               worker_end.fileno(), load_fd, listen_fd)
             channel_fd = primary_end.detach()
+            # The worker's end too: what the worker never receives is taken
+            # back from it (see src/dispatch.pyx).
+            peer_fd = os.dup(worker_end.fileno()) if settings.mode == "dispatch" else -1
             try:
-                self.dispatcher.attach(channel, channel_fd, load_fd)
+                self.dispatcher.attach(channel, channel_fd, load_fd, peer_fd)
             except BaseException:
                 os.close(channel_fd)    # not the dispatcher's yet
+                if peer_fd >= 0:
+                    os.close(peer_fd)
                 raise
             # Everything is close-on-exec; these few are for this child only.
             inherited = [worker_end.fileno(), load_fd]
@@ -362,9 +419,17 @@ class Arbiter:
                 self.retire(old)
 
     def retire(self, worker: WorkerProcess) -> None:
-        """Hand `worker` nothing more and tell it to finish up and exit."""
+        """Hand `worker` nothing more and tell it to finish up and exit.
+
+        It stops on its own at --graceful-timeout; one that is still there
+        after the exit margin (stuck at exit: a thread that never ends, an
+        atexit hook that hangs) is killed.
+        """
         if not worker.retiring:
             worker.retiring = True
+            graceful = self.settings.graceful_timeout
+            worker.exit_by = time.monotonic() + graceful + min(WORKER_EXIT_MARGIN,
+                                                               graceful)
             self.dispatcher.retire(worker.channel)
 
     def handle_chld(self) -> None:
@@ -508,6 +573,12 @@ class Arbiter:
         timeout = self.settings.timeout
         now = time.monotonic()
         for worker in list(self.workers.values()):
+            if worker.exit_by and now >= worker.exit_by and not self.stopping:
+                log.warning("Worker %d did not exit within --graceful-timeout "
+                            "%g s; killing it", worker.pid,
+                            self.settings.graceful_timeout)
+                self.signal_worker(worker, signal.SIGKILL)
+                worker.exit_by = 0.0
             if worker.kill_at:
                 if now >= worker.kill_at:
                     self.signal_worker(worker, signal.SIGKILL)

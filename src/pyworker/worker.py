@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import random
+import resource
 import signal
 import socket
 import sys
@@ -47,6 +48,19 @@ LIFESPAN_SHUTDOWN_MIN = 1.0
 # Signals meant for the primary (reload, scaling) that may reach the whole
 # process group; a worker must not stop or die of them.
 PRIMARY_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+# Descriptors kept free for what the app opens itself (files, database
+# connections), beyond those it holds when it reports ready.
+FD_RESERVE = 64
+
+
+def descriptor_room() -> int:
+    """How many more connections this process has descriptors for."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0    # unknown: no limit
+    in_use = len(os.listdir("/proc/self/fd"))
+    reserve = min(FD_RESERVE, soft // 8)
+    return max(1, soft - in_use - reserve)
 
 
 class HandedConnection:
@@ -82,6 +96,9 @@ class Worker:
         self.count_on_open = self.settings.mode != "dispatch"
         self.family, self.sockaddr = resolve(self.settings.host, self.settings.port)
         self.draining = False
+        # A stopping primary may still hand a draining worker the rest of
+        # its backlog; the worker exits once it says nothing more follows.
+        self.nothing_follows = False
         self.drain_deadline = 0.0
         # Counted by HttpProtocol; checked once a tick against the limit.
         self.requests = 0
@@ -90,6 +107,7 @@ class Worker:
             self.max_requests = self.settings.max_requests + random.randint(
                 0, self.settings.max_requests_jitter)
         self.recycling = False
+        self.report_retrying = False
         self.ticks = 0
         self.now = time.monotonic()
         self.responses = Responses()
@@ -162,7 +180,10 @@ class Worker:
             self.server = loop.run_until_complete(loop.create_server(
                 self.new_connection, sock=self.open_listener(),
                 backlog=self.settings.backlog))
-        self.channel.report(WorkerState.WORKER_READY)
+        # What the app opened at startup is counted in; the primary hands
+        # no more than this, since the kernel closes what does not fit.
+        self.channel.set_fd_room(descriptor_room())
+        self.report(WorkerState.WORKER_READY)
         loop.call_later(TICK_SECONDS, self.tick)
         # What exists now lives as long as the worker: keep the collector from
         # walking it again and again (the objects of a request die young).
@@ -175,6 +196,7 @@ class Worker:
         finally:
             if self.wsgi_app is not None:
                 self.wsgi_app.stop()
+            self.channel.flush()    # a last report (connections lost) if one waits
             self.channel.close()
         return 0
 
@@ -187,26 +209,41 @@ class Worker:
     # The channel
 
     def on_channel_readable(self) -> None:
-        fds, stop, closed = self.channel.receive()
+        fds, stop, final, closed = self.channel.receive()
         for fd in fds:
             self.loop.create_task(self.adopt(fd))
         if closed:
             log.warning("Worker %d: the primary is gone; finishing up", os.getpid())
             self.loop.remove_reader(self.channel.fileno())
             self.channel.close()
+            self.nothing_follows = True
             self.drain()
-        elif self.channel.backlogged:
-            # The primary's socket is full: wait until our reports fit before
-            # taking more (an acknowledgement must never be lost).
-            self.loop.remove_reader(self.channel.fileno())
+            return
+        self.retry_report()
+        if final:
+            self.nothing_follows = True
+        if stop or final:
+            self.drain()
+            self.exit_if_done()     # draining already when `final` comes alone
+
+    def report(self, state: WorkerState) -> None:
+        self.channel.report(state)
+        self.retry_report()
+
+    def retry_report(self) -> None:
+        """A report the primary's socket had no room for goes when it has.
+
+        Heartbeats included: a healthy worker must never look silent to the
+        watchdog because one send found the socket full.
+        """
+        if self.channel.backlogged and not self.report_retrying:
+            self.report_retrying = True
             self.loop.add_writer(self.channel.fileno(), self.on_channel_writable)
-        if stop:
-            self.drain()
 
     def on_channel_writable(self) -> None:
         if self.channel.flush():
+            self.report_retrying = False
             self.loop.remove_writer(self.channel.fileno())
-            self.loop.add_reader(self.channel.fileno(), self.on_channel_readable)
 
     async def adopt(self, fd: int) -> None:
         protocol = self.new_connection(self.ticks)
@@ -256,7 +293,7 @@ class Worker:
         # On time, not on the next tick: the primary's own deadline follows.
         self.loop.call_at(self.loop.time() + self.settings.graceful_timeout,
                           self.graceful_timeout_expired)
-        self.channel.report(WorkerState.WORKER_DRAINING)
+        self.report(WorkerState.WORKER_DRAINING)
         if self.server is not None:
             self.server.close()
         for protocol in list(self.connections):
@@ -264,7 +301,8 @@ class Worker:
         self.exit_if_done()
 
     def exit_if_done(self) -> None:
-        if self.draining and self.channel.open_connections == 0:
+        if self.draining and self.nothing_follows \
+                and self.channel.open_connections == 0:
             self.loop.stop()
 
     def tick(self) -> None:
@@ -273,6 +311,7 @@ class Worker:
         self.responses.tick()
         # The watchdog's evidence that this loop turns (see --timeout).
         self.channel.heartbeat()
+        self.retry_report()
         if self.max_requests and self.requests >= self.max_requests \
                 and not self.recycling and not self.draining:
             # The primary starts a replacement and then stops this worker the
@@ -280,7 +319,7 @@ class Worker:
             self.recycling = True
             log.info("Worker %d served %d requests; asking to be replaced",
                      os.getpid(), self.requests)
-            self.channel.report(WorkerState.WORKER_RECYCLE)
+            self.report(WorkerState.WORKER_RECYCLE)
         # A handed connection still unanswered a whole tick later is waiting
         # for its client (its request is slow to come) or is a slow request
         # the primary already sees as one: it must not hold a place in the
