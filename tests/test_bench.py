@@ -139,6 +139,23 @@ def test_bench_runs_an_app_in_every_mode(tmp_path, app):
             assert len(run_["wrk"]["workers"]) == 2
 
 
+@needs_wrk
+def test_bench_runs_nodes_cluster_beside_the_built_in_app(tmp_path):
+    result = subprocess.run(
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--peers", "node",
+         "--modes", "dispatch/least-conn", "--workloads", "keepalive", "balance",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    node_runs = [r for r in results["runs"] if r["mode"] == "node"]
+    assert {r["workload"] for r in node_runs} == {"keepalive", "balance"}
+    for run_ in node_runs:
+        assert run_["wrk"]["requests"] > 0 and run_["wrk"]["errors"] == 0, run_
+        if run_["workload"] == "balance":
+            assert len(run_["wrk"]["workers"]) == 2     # Node's two workers answered
+    assert "vs node" in (tmp_path / "results.md").read_text()
+
+
 def test_bench_peers_peer_ratios_are_taken_round_by_round():
     results = {
         "config": {"workloads": ["close"], "modes": ["dispatch/least-conn"],
@@ -155,9 +172,11 @@ def test_bench_peers_peer_ratios_are_taken_round_by_round():
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--peers", "uvicorn"], "--peers needs --app"),
+    (["--peers", "uvicorn"], "--peers uvicorn needs --app"),
+    (["--app", "cydispatch.bench.apps:hello", "--peers", "node"],
+     "--peers node serves only the built-in app: drop --app"),
     (["--app", "cydispatch.bench.apps:hello", "--peers", "nginx"],
-     "'nginx' is not one of uvicorn, granian, gunicorn"),
+     "'nginx' is not one of uvicorn, granian, gunicorn, node"),
     (["--app", "no_such_module:app"], "--app: cannot import 'no_such_module'"),
 ])
 def test_bench_app_errors_are_one_line(tmp_path, args, words):

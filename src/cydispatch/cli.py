@@ -192,7 +192,9 @@ def build_parser() -> CliParser:
                        "every server (default: %(default)s)")
     bench.add_argument("--peers", type=peer_list, default=(), metavar="LIST",
                        help="also run --app under these servers, in the same rounds: "
-                            f"a comma-separated list of {', '.join(PEERS)}")
+                            f"a comma-separated list of {', '.join(PEERS)} (node: "
+                            "Node's cluster, serving the built-in app's routes, "
+                            "without --app only)")
     bench.set_defaults(run=run_bench)
     return parser
 
@@ -243,16 +245,18 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"cydispatch: error: {wrk.INSTALL_HINT}", file=sys.stderr)
         return STARTUP_ERROR
     modes, interface = tuple(args.modes), "asgi"
-    if args.app or args.peers:
-        if not args.app:
-            print("cydispatch: error: --peers needs --app (the peers cannot serve the "
-                  "built-in app)", file=sys.stderr)
+    from cydispatch.bench.peers import BUILTIN_APP_PEERS, missing
+    for peer in args.peers:
+        if (peer in BUILTIN_APP_PEERS) == bool(args.app):
+            print(f"cydispatch: error: --peers {peer} "
+                  + ("serves only the built-in app: drop --app" if args.app
+                     else "needs --app (it cannot serve the built-in app)"),
+                  file=sys.stderr)
             return USAGE_ERROR
-        from cydispatch.bench.peers import missing
-        for peer in args.peers:
-            if why := missing(peer):
-                print(f"cydispatch: error: --peers: {why}", file=sys.stderr)
-                return USAGE_ERROR
+        if why := missing(peer):
+            print(f"cydispatch: error: --peers: {why}", file=sys.stderr)
+            return USAGE_ERROR
+    if args.app:
         try:
             interface = bench_app_interface(args)
         except ValueError as exc:

@@ -3,6 +3,9 @@
 Each is started the way its users start it for production (its uvloop and
 httptools options where it has them, no access log), with the same number of
 workers, on a free port; it is ready once it answers `GET /`.
+
+`node` is Node's cluster (node_cluster.js) serving the built-in app's routes:
+the design cydispatch started from, for the built-in app only.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import urllib.request
 
 from cydispatch.bench.server import ServerFailed, ServerProcess
 
-PEERS = ("uvicorn", "granian", "gunicorn")
+PEERS = ("uvicorn", "granian", "gunicorn", "node")
+# Peers that serve the built-in app's routes themselves; the others serve --app.
+BUILTIN_APP_PEERS = ("node",)
+NODE_CLUSTER = os.path.join(os.path.dirname(__file__), "node_cluster.js")
 
 
 def free_port() -> int:
@@ -52,11 +58,15 @@ def command(peer: str, app: str, interface: str, workers: int, port: int,
         else:
             argv += ["--worker-class", "gthread", "--threads", str(threads)]
         return argv + [app]
+    if peer == "node":
+        return [shutil.which("node") or "node", NODE_CLUSTER]
     raise ValueError(f"unknown peer {peer!r}")
 
 
 def missing(peer: str) -> str | None:
     """Why `peer` cannot run here, or None."""
+    if peer == "node":
+        return None if shutil.which("node") else "node is not installed (Node.js)"
     module = {"uvicorn": "uvicorn", "granian": "granian", "gunicorn": "gunicorn"}[peer]
     try:
         __import__(module)
@@ -73,7 +83,8 @@ class PeerServer(ServerProcess):
         port = free_port()
         argv = [*wrapper, *command(peer, app, interface, workers, port, threads)]
         env = {"PYTHONPATH": os.pathsep.join(filter(None, (os.path.abspath(app_dir),
-                                                           os.environ.get("PYTHONPATH"))))}
+                                                           os.environ.get("PYTHONPATH")))),
+               "PORT": str(port), "WORKERS": str(workers)}
         super().__init__(argv, env)
         self.name = peer
         self.workers = workers
