@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import CYDISPATCH
-from cydispatch.bench import report
+from cydispatch.bench import report, soak
 from cydispatch.bench.runner import MODES, WORKLOADS
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
@@ -196,3 +196,19 @@ def test_bench_peer_that_is_not_installed(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("cydispatch: error: --peers: granian is not installed "
                                      "(pip install '.[bench]' installs the peers)")
+
+
+@needs_wrk
+def test_soak_reloads_every_slice_and_reports_no_errors_and_flat_descriptors(tmp_path):
+    # Two 4-second "minutes": a reload in each, the close workload throughout.
+    results = soak.soak(2, tmp_path, slice_seconds=4, sample_seconds=0.5)
+    summary = results["summary"]
+    assert results["reloads_completed"] == 2
+    assert summary["requests"] > 0 and summary["errors"] == 0, results["slices"]
+    # Flat: a successor's channel comes and goes during each reload, and
+    # nothing is left over after it.
+    lowest = [min(s["primary_fds"] for s in minute) for minute in soak.by_minute(results)]
+    assert lowest[0] == lowest[-1], lowest
+    assert all(s["workers"] >= 2 for s in results["samples"])
+    table = (tmp_path / "soak.md").read_text()
+    assert "| 1 |" in table and "| 2 |" in table and "0 errors" in table

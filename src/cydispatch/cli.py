@@ -195,6 +195,11 @@ def build_parser() -> CliParser:
                             f"a comma-separated list of {', '.join(PEERS)} (node: "
                             "Node's cluster, serving the built-in app's routes, "
                             "without --app only)")
+    bench.add_argument("--soak", type=positive_int, metavar="MINUTES",
+                       help="instead of the rounds: hold the close workload on "
+                            "dispatch mode for MINUTES, reloading every minute, and "
+                            "report errors, RSS and descriptor counts over time "
+                            "(soak.json, soak.md)")
     bench.set_defaults(run=run_bench)
     return parser
 
@@ -271,6 +276,15 @@ def run_bench(args: argparse.Namespace) -> int:
         app=args.app, app_dir=os.path.abspath(args.app_dir), interface=interface,
         app_threads=args.threads, peers=args.peers)
     try:
+        if args.soak:
+            from cydispatch.bench import soak
+            app_args = ()
+            if args.app:
+                app_args = ("--app-dir", config.app_dir, "--interface", interface,
+                            "--threads", str(args.threads), args.app)
+            results = soak.soak(args.soak, pathlib.Path(args.out), workers=args.workers,
+                                connections=args.connections, app_args=app_args)
+            return 0 if results["summary"]["ok"] else 1
         runner.run(config, pathlib.Path(args.out))
     except (ServerFailed, wrk.WrkOutputError) as exc:
         print(f"cydispatch: error: {exc}", file=sys.stderr)
