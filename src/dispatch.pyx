@@ -683,6 +683,10 @@ cdef class Dispatcher:
             if self.resume_accept_at and now >= self.resume_accept_at:
                 self.resume_accept_at = 0
             self._arm_listener()
+            if self.orphans.count:
+                # _arm_listener took some back from a stuck worker: out now,
+                # not after the next wake-up.
+                self._settle()
             # Look at the fds at least once, even with no time left: a caller
             # that keeps passing 0 must still see reports and connections.
             if self.has_events or (now >= deadline and polled):
