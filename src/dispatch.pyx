@@ -69,8 +69,12 @@ cdef enum:
     # with slow work: serving a plain request takes tens of microseconds.
     STUCK_MICROSECONDS = 300
     # While some worker is stuck, the others may hold this many times
-    # --queue-depth unanswered: they take the load in bigger batches.
-    STUCK_DEPTH_FACTOR = 4
+    # --queue-depth unanswered: they take the load in bigger batches, as a
+    # free worker on a shared socket takes everything waiting.  Measured
+    # under the skew workload (bench/RESULTS.md): 4 left p99 15% above a
+    # shared socket's, 16 within 3-4%, 64 doubled it (the free worker then
+    # holds dozens when it meets a slow request of its own).
+    STUCK_DEPTH_FACTOR = 16
     LOAD_PAGE_SIZE = 4096
 
 # epoll tags: a channel is tagged with its slot index, these with values no
