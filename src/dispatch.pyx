@@ -128,7 +128,8 @@ cdef struct HandoffControl:  # ancillary buffer for one handoff
 # sequentially consistent accesses at least one side sees the other's write.
 cdef struct LoadPage:
     uint32_t open       # connections handed to the worker and not closed
-    uint32_t queued     # of those, first request not answered yet
+    uint32_t queued     # of those, first request not reached yet (answered,
+                        # or the app started on it)
     uint32_t nudge      # set by the primary, cleared by the worker
     uint32_t busy_since  # microsecond clock (wrapping) when the worker entered
                          # a request's callbacks; 0 when it is between them

@@ -573,6 +573,24 @@ def test_a_worker_whose_app_only_waits_is_not_busy(start_server, tmp_path):
     assert served_by == server.worker_pids()
 
 
+def test_a_worker_whose_requests_await_takes_many_new_connections(start_server):
+    # A handler that awaits (a database, an API) leaves the worker free: its
+    # connections must not count as a queue the primary waits on, or one
+    # worker would hold --queue-depth requests at a time (a second each,
+    # until its tick).  20 new connections must all reach the app at once.
+    import concurrent.futures
+    server = serve(start_server, "edge_asgi:app", workers=1)
+    count = 20
+
+    def gather(_):
+        return request(server, f"/gather?n={count}&timeout=5")
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        responses = list(pool.map(gather, range(count)))
+    assert [r.status for r in responses] == [200] * count
+    assert {int(r.body) for r in responses} == {count}
+
+
 def test_sigterm_under_load_answers_every_request_sent_before_it(start_server):
     from load_client import LoadClient, summary
     server = serve(start_server, "fastapi_app:app")

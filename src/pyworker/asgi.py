@@ -330,6 +330,13 @@ class RequestCycle:
         protocol = self.protocol
         server = protocol.server
         started = time.monotonic() if protocol.config.access_log else 0.0
+        if protocol.queued_at is not None:
+            # The loop has reached this request: it no longer waits behind
+            # another.  From here the app's own steps mark the worker busy
+            # while they compute (stamped), and while the app awaits (a
+            # database, a sleep) the worker can take more connections: an
+            # app that waits must not cap a worker at --queue-depth requests.
+            server.dequeued(protocol)
         try:
             if protocol.config.native:
                 # Busy while the app's code runs (a CPU-bound handler blocks the

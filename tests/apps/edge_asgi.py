@@ -69,6 +69,25 @@ async def websocket(scope, receive, send):
                                                    if k in ("text", "bytes") and v is not None}})
 
 
+# /gather: requests in the app at once, on this worker, and the most seen.
+gathering = {"now": 0, "peak": 0}
+gathered = asyncio.Event()
+
+
+async def gather(count: int, timeout: float) -> int:
+    """Wait (as a handler awaiting a database would) until `count` requests wait here."""
+    gathering["now"] += 1
+    gathering["peak"] = max(gathering["peak"], gathering["now"])
+    if gathering["now"] >= count:
+        gathered.set()
+    try:
+        await asyncio.wait_for(gathered.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    gathering["now"] -= 1
+    return gathering["peak"]
+
+
 async def app(scope, receive, send):
     if scope["type"] == "websocket":
         return await websocket(scope, receive, send)
@@ -85,6 +104,11 @@ async def app(scope, receive, send):
     if path == "/exit":
         raise SystemExit(1)
     if path == "/no-response":
+        return
+    if path == "/gather":
+        peak = await gather(int(query["n"]), float(query["timeout"]))
+        await start(send)
+        await send({"type": "http.response.body", "body": b"%d" % peak})
         return
     if path == "/chunked":
         await start(send)
