@@ -60,6 +60,11 @@ def test_factory(start_server):
     assert response.body == b"made by a factory"
 
 
+def test_a_dotted_attribute(start_server):
+    server = start_server("--app-dir", APPS, "broken:Holder.app", workers=1)
+    assert get(server.host, server.port, "/").body == b"made by a factory"
+
+
 def test_interface_asgi_refuses_a_wsgi_app():
     result, _ = serve("--interface", "asgi", "flask_app:app")
     assert result.returncode == 4

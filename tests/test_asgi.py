@@ -360,6 +360,16 @@ def test_slowloris_head_gets_408_at_the_header_timeout(start_server):
 
 # Behind a proxy
 
+@pytest.mark.parametrize("allowed", ["127.0.0.0/8", "10.1.2.3,127.0.0.1", "*"])
+def test_forwarded_headers_from_a_network_or_anyone_allowed(start_server, allowed):
+    server = serve(start_server, "fastapi_app:app", "--forwarded-allow-ips", allowed,
+                   workers=1)
+    scope = json.loads(request(server, "/scope", headers={
+        "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}).body)
+    assert scope["client"][0] == "203.0.113.7"
+    assert scope["scheme"] == "https"
+
+
 def test_forwarded_headers_from_a_trusted_proxy(fastapi_server):
     scope = json.loads(request(fastapi_server, "/scope", headers={
         "X-Forwarded-For": "203.0.113.7, 127.0.0.1", "X-Forwarded-Proto": "https",

@@ -16,5 +16,11 @@ def neither(a, b, c):
     return None
 
 
+class Holder:
+    """APP may name an attribute of an attribute: broken:Holder.app."""
+
+    app = staticmethod(make_app())
+
+
 if os.environ.get("BROKEN_IMPORT"):
     raise ValueError("the settings are wrong")
