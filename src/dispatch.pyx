@@ -5,10 +5,12 @@ The primary waits in epoll on the listening socket, one channel per worker
 (a SOCK_SEQPACKET socketpair) and a wake-up fd written by signal handlers.
 When the listener is readable it accepts until EAGAIN, picks a worker for
 each connection and, once per wake-up, sends every worker its batch in one
-sendmsg carrying the fds as SCM_RIGHTS.  Nothing in that path creates a
-Python object: connections are ints in C arrays from accept4 to close.
+sendmmsg, a message per fd as SCM_RIGHTS (so that the worker can take them
+one at a time and leave the rest to be taken back).  Nothing in that path
+creates a Python object: connections are ints in C arrays from accept4 to
+close.
 
-The primary closes its copy of each fd as soon as the sendmsg succeeds: the
+The primary closes its copy of each fd as soon as the send succeeds: the
 worker's copy is then the only one, and the worker's close tears the TCP
 connection down.  Nothing is lost if the worker dies first: the primary keeps
 the worker's end of the channel open too, and a handoff the worker has not
@@ -19,17 +21,20 @@ The same recvmsg takes handoffs back from a worker that is stuck in a slow
 request, which a kernel queue (SO_REUSEPORT, a shared socket) never can.
 
 Each worker shares a load page with the primary (LoadPage): how many
-connections it holds open, how many of those have not had their first
-request answered yet (its queue), and since when it has been inside a
+connections it holds open, how many of those it has not reached the first
+request of yet (its queue), and since when it has been inside a
 request's callbacks, if it is.  The primary counts a connection into both
 when it sends it and the worker counts it out, so the counts include what is
 in flight, and none of this costs a message or a wake-up.  A worker whose
-queue holds `queue_depth` connections gets no more, and neither does one that
-has been inside one request for over 300 microseconds (it is busy with slow
-work): new connections wait in the listener's backlog, one queue for all
-workers, and go to the first worker that catches up.  A request stuck behind
-a slow one in a worker's queue is what makes tail latency; a shared queue
-keeps that short.
+queue holds CHANNEL_AHEAD_FACTOR * `queue_depth` connections gets no more, and
+neither does one that has been inside one request for over 300 microseconds
+(it is busy with slow work) or has taken nothing off its channel for 5 ms
+(frozen): new connections wait in the listener's backlog, one queue for all
+workers, and go to the first worker that catches up.  The worker itself
+takes only `queue_depth` of its queue in hand at a time (LoadPage.hand_limit);
+the rest waits in its channel, where it can be taken back.  A request stuck
+behind a slow one in a worker's queue is what makes tail latency; short
+queues that can be emptied into another worker keep that short.
 """
 
 cimport cython
@@ -40,7 +45,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
-from posix.unistd cimport close, read
+from posix.unistd cimport close, dup, read
 
 from system cimport (
     atomic_add_u32, atomic_exchange_u32, atomic_load_u32, atomic_store_u32,
@@ -50,7 +55,7 @@ from system cimport (
     PROT_READ, PROT_WRITE, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_NONBLOCK,
     SOL_SOCKET, IPPROTO_TCP, TCP_INFO, tcp_info, getsockopt, socklen_t, accept4, cmsghdr, epoll_create1, epoll_ctl, epoll_event,
     epoll_wait, mmap, mmsghdr, msghdr, munmap, recvmmsg, recvmsg, send,
-    sendmsg,
+    sendmmsg, sendmsg,
 )
 
 
@@ -68,6 +73,11 @@ cdef enum:
     # A worker inside one request's callbacks for longer than this is busy
     # with slow work: serving a plain request takes tens of microseconds.
     STUCK_MICROSECONDS = 300
+    # A worker that takes nothing off its channel for this long, with
+    # handoffs waiting there and room in hand, is not reading (frozen,
+    # swapped out).  Longer than STUCK_MICROSECONDS: on a busy machine a
+    # healthy worker may wait a scheduler slice or two to run at all.
+    NOT_READING_MICROSECONDS = 5000
     # While some worker is stuck, the others may hold this many times
     # --queue-depth unanswered: they take the load in bigger batches, as a
     # free worker on a shared socket takes everything waiting.  Measured
@@ -75,6 +85,14 @@ cdef enum:
     # shared socket's, 16 within 3-4%, 64 doubled it (the free worker then
     # holds dozens when it meets a slow request of its own).
     STUCK_DEPTH_FACTOR = 16
+    # A worker takes in hand at most --queue-depth connections it has not
+    # reached yet; the primary may queue this many times as many for it,
+    # the rest waiting in its channel.  The worker then goes from one
+    # connection to the next without sleeping and the primary wakes it once
+    # per batch (at 1x, a wake-up each per connection or two: the primary's
+    # CPU per connection was 2.5x as high), and what waits in the channel is
+    # not behind a slow request: it is taken back if the worker gets stuck.
+    CHANNEL_AHEAD_FACTOR = 4
     LOAD_PAGE_SIZE = 4096
 
 # epoll tags: a channel is tagged with its slot index, these with values no
@@ -90,6 +108,11 @@ cdef double ACCEPT_PAUSE_SECONDS = 0.1
 # beyond its current load for this long, so its connections are not bounced
 # between full workers in a loop.
 cdef double WORKER_FULL_SECONDS = 1.0
+# How soon the loop looks again at a worker that has handoffs waiting in its
+# channel and has not taken any since it last looked: rare enough not to
+# cost wake-ups under load (a worker reads within microseconds), soon enough
+# that a frozen worker's connections move on at once to a client.
+cdef double UNREAD_RECHECK_SECONDS = 0.005
 
 
 # Wire format.  Both ends are this module on one machine, so native layout.
@@ -135,6 +158,9 @@ cdef struct LoadPage:
                          # a request's callbacks; 0 when it is between them
     uint32_t received   # fds the worker took off its channel (wrapping)
     uint32_t fd_room    # connections the worker has descriptors for; 0: unknown
+    uint32_t hand_limit  # --queue-depth, written by the primary: connections
+                         # the worker takes off its channel before it has
+                         # reached them (0: no limit)
 
 
 cpdef enum WorkerState:     # a worker's state, as it reports it
@@ -164,8 +190,21 @@ cdef enum SlotState:
     SLOT_RETIRING = 3   # finishes what it holds, gets nothing new
 
 
+cdef struct OneFdControl:   # ancillary buffer for a handoff of one fd
+    cmsghdr header
+    int fd
+
+cdef struct HandoffMessages:  # a batch as one message per fd, for sendmmsg
+    mmsghdr headers[MAX_FDS_PER_MESSAGE]
+    iovec iovs[MAX_FDS_PER_MESSAGE]
+    CommandMessage commands[MAX_FDS_PER_MESSAGE]
+    OneFdControl controls[MAX_FDS_PER_MESSAGE]
+
+
 if sizeof(HandoffControl) < CMSG_SPACE(MAX_FDS_PER_MESSAGE * sizeof(int)):
     raise ImportError("HandoffControl is smaller than CMSG_SPACE(253 fds)")
+if sizeof(OneFdControl) < CMSG_SPACE(sizeof(int)):
+    raise ImportError("OneFdControl is smaller than CMSG_SPACE(1 fd)")
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -260,6 +299,44 @@ cdef int send_handoff(int channel, const int *fds, int count) noexcept nogil:
         if errno.errno != errno.EINTR:
             return errno.errno
     return 0
+
+
+cdef int send_handoffs(int channel, const int *fds, int count,
+                       HandoffMessages *out) noexcept nogil:
+    """Send `count` (<= 253) fds, one message each, in one sendmmsg.
+
+    One message per fd, so that a worker can take them off its channel one
+    at a time (see LoadPage.hand_limit) and leave the rest to be taken back.
+    Returns how many were sent (the first ones), or -errno when none was.
+    """
+    cdef int k, sent = 0, n
+    cdef msghdr *msg
+    cdef cmsghdr *header
+    for k in range(count):
+        out.commands[k].command = COMMAND_HANDOFF
+        out.commands[k].count = 1
+        out.iovs[k].iov_base = &out.commands[k]
+        out.iovs[k].iov_len = sizeof(CommandMessage)
+        msg = &out.headers[k].msg_hdr
+        memset(msg, 0, sizeof(msghdr))
+        msg.msg_iov = &out.iovs[k]
+        msg.msg_iovlen = 1
+        msg.msg_control = &out.controls[k]
+        msg.msg_controllen = CMSG_SPACE(sizeof(int))
+        header = CMSG_FIRSTHDR(msg)
+        header.cmsg_level = SOL_SOCKET
+        header.cmsg_type = SCM_RIGHTS
+        header.cmsg_len = CMSG_LEN(sizeof(int))
+        memcpy(CMSG_DATA(header), &fds[k], sizeof(int))
+    while sent < count:
+        n = sendmmsg(channel, &out.headers[sent], count - sent,
+                     MSG_DONTWAIT | MSG_NOSIGNAL)
+        if n < 0:
+            if errno.errno == errno.EINTR:
+                continue
+            return sent if sent else -errno.errno
+        sent += n
+    return sent
 
 
 cdef ssize_t receive_command(int channel, CommandMessage *command,
@@ -363,7 +440,11 @@ cdef struct Slot:
     uint32_t events         # EVENT_* bits not yet returned to Python
     bint recycle_asked      # EVENT_RECYCLE was returned for this worker
     double last_heard       # when its last report came: the watchdog's clock
-    bint stuck              # in one request for over STUCK_MICROSECONDS (_pick)
+    bint stuck              # in one request for over STUCK_MICROSECONDS, or
+                            # not reading its channel for as long (_pick)
+    uint32_t seen_received  # page.received when last looked at, and since
+    uint32_t seen_at        # when it has not moved with handoffs waiting (0: it moves)
+    bint not_reading        # ...for too long: stuck until it reads or reports
     uint32_t sent           # fds sent over the channel (wrapping), and of
     uint32_t reclaimed      # those, taken back: see in_flight()
     uint64_t handed_total   # connections handed to this worker, for stats
@@ -411,6 +492,8 @@ cdef class Dispatcher:
         uint32_t accept_events  # EVENT_ACCEPT_* not yet returned to Python
         bint has_events
         bint any_stuck          # some worker is stuck (see _observe_busy)
+        bint any_unread         # some worker has not read handoffs waiting for
+                                # it: look again soon, even with nothing to wake us
         uint64_t accepted_total
         uint64_t redispatched_total
         uint64_t reclaimed_total
@@ -418,6 +501,7 @@ cdef class Dispatcher:
         int signal_count
         unsigned char signals[MAX_PENDING_SIGNALS]
         HandoffControl reclaim_control
+        HandoffMessages *outgoing   # _flush's sendmmsg buffers
         mmsghdr report_headers[MAX_REPORTS_PER_READ]
         iovec report_iovs[MAX_REPORTS_PER_READ]
         ReportMessage reports[MAX_REPORTS_PER_READ]
@@ -440,6 +524,9 @@ cdef class Dispatcher:
         self.max_conns = max_conns
         self.queue_depth = queue_depth
         memset(&self.orphans, 0, sizeof(FdQueue))
+        self.outgoing = <HandoffMessages *>malloc(sizeof(HandoffMessages))
+        if self.outgoing == NULL:
+            raise MemoryError()
         memset(self.report_headers, 0, sizeof(self.report_headers))
         for k in range(MAX_REPORTS_PER_READ):
             self.report_iovs[k].iov_base = &self.reports[k]
@@ -462,6 +549,7 @@ cdef class Dispatcher:
         for i in range(self.nslots):
             self._release_slot(&self.slots[i])
         free(self.slots)
+        free(self.outgoing)
         fdq_close_all(&self.orphans)
         if self.listen_fd >= 0:
             close(self.listen_fd)
@@ -529,6 +617,7 @@ cdef class Dispatcher:
             munmap(page, LOAD_PAGE_SIZE)
             raise
         s.page = page
+        atomic_store_u32(&page.hand_limit, self.queue_depth)
         s.channel = channel_fd
         s.peer = peer_fd
         s.state = SLOT_STARTING
@@ -541,6 +630,9 @@ cdef class Dispatcher:
         s.events = 0
         s.recycle_asked = False
         s.stuck = False
+        s.seen_received = 0
+        s.seen_at = 0
+        s.not_reading = False
         s.last_heard = monotonic()
         s.sent = 0
         s.reclaimed = 0
@@ -560,6 +652,7 @@ cdef class Dispatcher:
         if self.slots[slot].channel >= 0:
             self._read_reports(slot)
             self._close_slot(slot)
+        self.slots[slot].last_heard = 0     # nobody left to hear from
         orphaned = self.slots[slot].orphaned
         self.slots[slot].orphaned = 0
         return orphaned
@@ -614,9 +707,11 @@ cdef class Dispatcher:
         """Seconds since the worker in `slot` last reported; 0 for an empty slot.
 
         A worker reports at least once a second (its heartbeat), so a long
-        silence means its event loop is not turning.
+        silence means its event loop is not turning.  A worker whose channel
+        closed but which has not been detached (its process lives on, stuck
+        at exit) goes on growing silent, so the watchdog still sees it.
         """
-        if slot >= self.nslots or self.slots[slot].channel < 0:
+        if slot >= self.nslots or self.slots[slot].last_heard == 0:
             return 0.0
         return monotonic() - self.slots[slot].last_heard
 
@@ -700,6 +795,11 @@ cdef class Dispatcher:
             until = deadline
             if self.resume_accept_at and self.resume_accept_at < until:
                 until = self.resume_accept_at
+            if self.any_unread and now + UNREAD_RECHECK_SECONDS < until:
+                # A worker frozen with handoffs in its channel (SIGSTOP, a
+                # blocked loop) must not hold them until something else
+                # wakes us: look again soon and take them back.
+                until = now + UNREAD_RECHECK_SECONDS
             wait_ms = 0 if until <= now else <int>((until - now) * 1000.0) + 1
             with nogil:
                 n = epoll_wait(self.epfd, events, MAX_EPOLL_EVENTS, wait_ms)
@@ -787,9 +887,8 @@ cdef class Dispatcher:
             elif s.at_room:
                 s.at_room = False
             if not self.stopping:
-                depth = self.queue_depth
-                if self.any_stuck:
-                    depth *= STUCK_DEPTH_FACTOR
+                depth = self.queue_depth * (
+                    STUCK_DEPTH_FACTOR if self.any_stuck else CHANNEL_AHEAD_FACTOR)
                 if unread >= depth:
                     continue    # it has not caught up: keep this in the backlog
                 if load >= self.max_conns:
@@ -817,10 +916,11 @@ cdef class Dispatcher:
         batches.  Looked at once per batch of picks, not per connection:
         within one wake-up it does not change in a way that matters.
         """
-        cdef uint32_t since, now = 0
+        cdef uint32_t since, received, waiting, now = 0
         cdef int i
         cdef Slot *s
         self.any_stuck = False
+        self.any_unread = False
         for i in range(self.nslots):
             s = &self.slots[i]
             s.stuck = False
@@ -838,9 +938,44 @@ cdef class Dispatcher:
                 # than `now` gives a huge value, read as not stuck.
                 if STUCK_MICROSECONDS < now - since < 0x80000000:
                     s.stuck = True
-                    self.any_stuck = True
-                    if in_flight(s):
-                        self._reclaim(s)
+            # A worker that takes nothing off its channel for as long, with
+            # handoffs waiting there and room in hand for them, is as stuck
+            # (frozen, swapped out): what waits goes to a worker that reads.
+            # With its hand full it is busy with what it holds, and says so
+            # by its stamp if that is slow work.
+            received = atomic_load_u32(&s.page.received)
+            waiting = in_flight(s)
+            if self.stopping:
+                # Everything goes to the finishing workers and stays there.
+                s.seen_at = 0
+                s.not_reading = False
+            elif received != s.seen_received:
+                s.seen_received = received
+                s.seen_at = 0
+                s.not_reading = False
+            elif (waiting == 0 or s.not_reading
+                    or atomic_load_u32(&s.page.queued) - waiting >= self.queue_depth):
+                s.seen_at = 0
+            else:
+                if not now:
+                    now = clock_us()
+                if s.seen_at == 0:
+                    s.seen_at = now
+                elif NOT_READING_MICROSECONDS < now - s.seen_at < 0x80000000:
+                    # Until it reads or reports: given nothing meanwhile,
+                    # not handed back what was just taken from it.  Nudged
+                    # before the take-back, so that a worker that was only
+                    # slow to run finds its channel empty and the nudge set,
+                    # and reports at once (WorkerChannel.receive).
+                    s.not_reading = True
+                    atomic_store_u32(&s.page.nudge, 1)
+                self.any_unread = True
+            if s.not_reading:
+                s.stuck = True
+            if s.stuck:
+                self.any_stuck = True
+                if in_flight(s):
+                    self._reclaim(s)
         return 0
 
     cdef inline int _assign(self, int i, int fd) except -1:
@@ -944,24 +1079,28 @@ cdef class Dispatcher:
 
     cdef int _flush(self, int i) except -1:
         cdef Slot *s = &self.slots[i]
-        cdef int k, err, count = s.batch_len
+        cdef int k, err, sent, count = s.batch_len
         if count == 0:
             return 0
         # Counted before the send, so the worker never counts one out first.
         atomic_add_u32(&s.page.open, count)
         atomic_add_u32(&s.page.queued, count)
-        err = send_handoff(s.channel, s.batch, count)
-        if err == 0:
+        sent = send_handoffs(s.channel, s.batch, count, self.outgoing)
+        err = -sent if sent < 0 else errno.EAGAIN
+        if sent > 0:
             # The worker's copy is the only one now (see the top).
-            close_all(s.batch, count)
-            s.sent += count
-            s.handed_total += count
-            s.batch_len = 0
-            return 0
-        atomic_sub_u32(&s.page.open, count)
-        atomic_sub_u32(&s.page.queued, count)
+            close_all(s.batch, sent)
+            s.sent += sent
+            s.handed_total += sent
+            if sent == count:
+                s.batch_len = 0
+                return 0
+        else:
+            sent = 0
+        atomic_sub_u32(&s.page.open, count - sent)
+        atomic_sub_u32(&s.page.queued, count - sent)
         # Not sent, so never seen by the worker: another can have them.
-        for k in range(count):
+        for k in range(sent, count):
             fdq_push(&self.orphans, s.batch[k])
         s.batch_len = 0
         if (err == errno.EAGAIN or err == errno.ENOBUFS or err == errno.ENOMEM
@@ -999,19 +1138,30 @@ cdef class Dispatcher:
             s.final_pending = False
         return 0
 
-    cdef uint32_t _reclaim(self, Slot *s) except? 0xFFFFFFFF:
+    cdef uint32_t _reclaim(self, Slot *s, bint worker_alive=True) except? 0xFFFFFFFF:
         """Take back what waits in the worker's end of its channel.
 
         Each message goes either to the worker or to us, whole, so nothing
-        is served twice.  Returns how many connections came back.
+        is served twice.  From a live worker, a message is taken only while
+        this process has a descriptor free for it (the kernel would close a
+        connection it cannot install: better left for the worker).  Returns
+        how many connections came back.
         """
         cdef CommandMessage command
         cdef int *fds = NULL
         cdef uint32_t installed, k, taken = 0
         cdef ssize_t received
+        cdef int spare
         if s.peer < 0:
             return 0
         while True:
+            if worker_alive:
+                # Handoffs are one connection a message: one free
+                # descriptor is room enough.
+                spare = dup(self.epfd)
+                if spare < 0:
+                    break
+                close(spare)
             received = receive_command(s.peer, &command, &self.reclaim_control,
                                        &fds, &installed)
             if received <= 0:
@@ -1054,6 +1204,7 @@ cdef class Dispatcher:
 
     cdef int _apply_report(self, Slot *s, ReportMessage *report) except -1:
         s.congested = False     # its loop turns: try its channel again
+        s.not_reading = False
         s.last_heard = monotonic()
         if report.lost:
             # The kernel closed what the worker had no descriptor for.
@@ -1088,7 +1239,7 @@ cdef class Dispatcher:
         for k in range(s.batch_len):
             fdq_push(&self.orphans, s.batch[k])
         s.batch_len = 0
-        orphaned += self._reclaim(s)
+        orphaned += self._reclaim(s, False)
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, s.channel, NULL)
         close(s.channel)
         s.channel = -1
@@ -1164,6 +1315,7 @@ cdef class WorkerChannel:
         uint64_t lost_total
         HandoffControl control
         bint busy_held          # hold_busy(): begin/end leave the stamp alone
+        uint32_t in_hand        # received, not reached yet (see hand_full)
 
     def __cinit__(self, int fd, int load_fd=-1):
         self.fd = -1
@@ -1249,9 +1401,22 @@ cdef class WorkerChannel:
         return StampedSteps(coro, self)
 
     def dequeue(self):
-        """A handed connection is answered (or is gone): off the queue."""
+        """The worker reached a handed connection's request (or it is gone): off the queue."""
         atomic_sub_u32(&self.page.queued, 1)
+        if self.in_hand:
+            self.in_hand -= 1
         self._nudge_if_asked()
+
+    @property
+    def hand_full(self):
+        """True while the worker holds as many unreached connections as it may.
+
+        It then leaves the rest in its channel, where the primary can take
+        them back for another worker if this one gets stuck in a slow
+        request, until it reaches one of those it holds (dequeue).
+        """
+        cdef uint32_t limit = atomic_load_u32(&self.page.hand_limit)
+        return limit != 0 and self.in_hand >= limit
 
     cdef inline void _begin(self) noexcept:
         if not self.busy_held:
@@ -1274,12 +1439,14 @@ cdef class WorkerChannel:
         """True while a report waits for room in the primary's socket."""
         return self.report_waiting
 
-    def receive(self):
+    def receive(self, bint within_hand=False):
         """Take what the primary has queued: (fds, stop, final, closed).
 
         `fds` are the connections to serve, in order; the primary counted
         them as this worker's open and queued connections when it sent them
-        (see dequeue and closed).  `stop` is True when the primary asked this
+        (see dequeue and closed).  `within_hand`: stop once the hand is full
+        (hand_full), leaving the rest in the channel, commands behind it
+        included; the worker's loop reads that way.  `stop` is True when the primary asked this
         worker to finish what it holds, `final` when it said nothing more
         will come (exit once idle), `closed` when the channel reached its end
         (the primary is gone).
@@ -1290,7 +1457,10 @@ cdef class WorkerChannel:
         cdef uint32_t installed, k, lost
         cdef list fds = []
         cdef bint stop = False, final = False, closed = False
+        cdef uint32_t limit = atomic_load_u32(&self.page.hand_limit) if within_hand else 0
         while self.fd >= 0:
+            if limit and self.in_hand >= limit:
+                break
             received = receive_command(self.fd, &command, &self.control,
                                        &data, &installed)
             if received < 0:
@@ -1306,6 +1476,7 @@ cdef class WorkerChannel:
             if command.command == COMMAND_HANDOFF:
                 for k in range(installed):
                     fds.append(data[k])
+                self.in_hand += installed
                 atomic_add_u32(&self.page.received, command.count)
                 if installed < command.count:
                     # Out of descriptors: the kernel closed the rest.  They
@@ -1320,6 +1491,9 @@ cdef class WorkerChannel:
                 stop = True
             elif command.command == COMMAND_FINAL:
                 final = True
+        # Taken back while this worker was slow to read, the primary waits
+        # to hear that its loop turns (see Dispatcher._observe_busy).
+        self._nudge_if_asked()
         if self.report_waiting:
             self._send_waiting()
         return fds, stop, final, closed

@@ -51,6 +51,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     ssize_t recvmsg(int fd, msghdr *msg, int flags)
+    int sendmmsg(int fd, mmsghdr *vmessages, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *vmessages, unsigned int vlen, int flags,
                  void *timeout)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)

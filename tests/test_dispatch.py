@@ -71,22 +71,22 @@ def test_full_workers_leave_connections_in_the_backlog(start_server):
         assert second.response().status == 200
 
 
-def test_a_worker_queues_no_more_than_the_queue_depth(start_server):
-    server = start_server("--queue-depth", "2", workers=1)
+def test_a_worker_is_queued_no_more_than_four_times_the_queue_depth(start_server):
+    server = start_server("--queue-depth", "1", workers=1)
     partial = b"GET / HTTP/1.1\r\nHost: test\r\n"      # the head is not over
-    waiting = [Connection(server.host, server.port) for _ in range(3)]
+    waiting = [Connection(server.host, server.port) for _ in range(5)]
     try:
         for conn in waiting:
             conn.sock.sendall(partial)
-        # Two are handed over and wait for the rest of their request (its
-        # queue depth); the third stays in the backlog, where any worker that
-        # catches up can take it.
+        # Four are handed over: one in the worker's hand, waiting for the
+        # rest of its request, three in its channel.  The fifth stays in the
+        # backlog, where any worker that catches up can take it.
         wait_until(lambda: listen_queue(server.port) == 1,
                    message="one connection to wait in the backlog")
         stays(lambda: listen_queue(server.port) == 1, 0.2)
         for conn in waiting:
             conn.sock.sendall(b"\r\n")
-        assert [conn.response().status for conn in waiting] == [200] * 3
+        assert [conn.response().status for conn in waiting] == [200] * 5
     finally:
         for conn in waiting:
             conn.close()

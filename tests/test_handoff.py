@@ -212,22 +212,47 @@ def test_heartbeats_keep_a_worker_from_looking_silent(rig):
     assert r.dispatcher.silence(5) == 0.0     # no worker there: never silent
 
 
+def fill_with_heartbeats(worker: WorkerChannel) -> int:
+    """Heartbeats until the primary's socket is full; how many went."""
+    sent = 0
+    while True:
+        worker.heartbeat()
+        if worker.backlogged:
+            return sent
+        sent += 1
+
+
 def test_a_heartbeat_that_finds_the_socket_full_is_sent_later():
     primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     worker = WorkerChannel(worker_end.detach())
     try:
-        sent = 0
-        while True:
-            worker.heartbeat()
-            if worker.backlogged:
-                break
-            sent += 1
+        sent = fill_with_heartbeats(worker)
         # The primary's socket is full; the report waits, it is not dropped.
         assert not worker.flush()
         for _ in range(sent):
             primary.recv(64)
         assert worker.flush()
         assert not worker.backlogged
+        assert len(primary.recv(64)) == 8
+    finally:
+        worker.close()
+        primary.close()
+
+
+def test_an_exiting_worker_waits_for_room_to_send_its_last_report():
+    import threading
+    from pyworker.worker import flush_reports
+    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker = WorkerChannel(worker_end.detach())
+    try:
+        sent = fill_with_heartbeats(worker)
+        # Nobody reads: it gives up at its deadline, and says so.
+        assert not flush_reports(worker, 0.05)
+        # The primary reads a moment later: the report goes then.
+        reader = threading.Timer(0.1, lambda: [primary.recv(64) for _ in range(sent)])
+        reader.start()
+        assert flush_reports(worker, 30)
+        reader.join()
         assert len(primary.recv(64)) == 8
     finally:
         worker.close()
@@ -258,9 +283,9 @@ def test_a_worker_that_dies_mid_batch_keeps_what_it_took(rig):
     hand_out(r, 2)
     second = r.connect(3)
     hand_out(r, 5)
-    # It takes the first message, then dies before the second.
+    # It takes the first two messages (a connection each), then dies.
     raw = socket.socket(fileno=os.dup(doomed.fileno()))
-    _, taken, _, _ = socket.recv_fds(raw, 8, 253)
+    taken = [fd for _ in range(2) for fd in socket.recv_fds(raw, 8, 253)[1]]
     raw.close()
     assert peers_of(taken) == addresses(first)  # and closed: they were its own
     doomed.close()
@@ -289,6 +314,60 @@ def test_a_stuck_worker_gives_back_what_it_has_not_received(rig):
     assert stuck.receive()[0] == []
     assert (stuck.open_connections, stuck.queued) == (0, 0)
     stuck.end()
+
+
+def test_a_worker_takes_in_hand_no_more_than_the_queue_depth(rig):
+    # The primary queues up to 4x --queue-depth for a worker, one message
+    # per connection; the worker takes --queue-depth of them at a time, so
+    # the rest stays where it can be taken back.
+    r = rig(queue_depth=2)
+    worker = r.attach(0)
+    clients = r.connect(10)
+    hand_out(r, 8)
+    assert r.dispatcher.accepted == 8       # 4x the depth; 2 wait in the backlog
+    first = worker.receive(within_hand=True)[0]
+    assert len(first) == 2 and worker.hand_full
+    assert worker.receive(within_hand=True)[0] == []
+    assert r.dispatcher.load(0)[2] == 6     # still in its channel
+    worker.dequeue()                        # it reaches one of them
+    assert not worker.hand_full
+    second = worker.receive(within_hand=True)[0]
+    assert len(second) == 1 and worker.hand_full
+    assert peers_of(first + second) == addresses(clients[:3])   # in order
+
+
+def test_a_stuck_worker_gives_back_what_it_holds_in_its_channel(rig):
+    r = rig(queue_depth=1)
+    stuck = r.attach(0)
+    clients = r.connect(4)
+    hand_out(r, 4)
+    [reached] = stuck.receive(within_hand=True)[0]
+    stuck.dequeue()
+    stuck.begin()                           # ...and its request is slow
+    entered = time.monotonic()
+    wait_until(lambda: time.monotonic() - entered > 0.001,
+               message="a millisecond in one request")
+    free = r.attach(1)
+    wait_until(lambda: r.dispatcher.run(0) is not None and r.dispatcher.reclaimed == 3,
+               message="what waits in its channel taken back")
+    assert peers_of(free.receive()[0]) == addresses(clients[1:])
+    assert peers_of([reached]) == addresses(clients[:1])
+    stuck.end()
+
+
+def test_a_worker_that_reads_nothing_gives_back_what_waits_in_its_channel(rig):
+    # Frozen (SIGSTOP, swapped out) with room in hand: it is not in a
+    # request, so only its untouched channel tells.
+    r = rig()
+    frozen = r.attach(0)
+    clients = r.connect(3)
+    hand_out(r, 3)
+    free = r.attach(1)
+    wait_until(lambda: r.dispatcher.run(0) is not None and r.dispatcher.reclaimed == 3,
+               message="what waits in the frozen worker's channel taken back")
+    assert peers_of(free.receive()[0]) == addresses(clients)
+    assert frozen.receive()[0] == []
+    assert (frozen.open_connections, frozen.queued) == (0, 0)
 
 
 def test_a_full_channel_sends_connections_elsewhere(rig):

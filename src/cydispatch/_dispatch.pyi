@@ -68,8 +68,13 @@ class WorkerChannel:
     open_connections: int
     @property
     def backlogged(self) -> bool: ...
-    def receive(self) -> tuple[list[int], bool, bool, bool]:
-        """(fds, stop, final, closed); the primary counted the fds in when it sent them."""
+    def receive(self, within_hand: bool = False) -> tuple[list[int], bool, bool, bool]:
+        """(fds, stop, final, closed); the primary counted the fds in when it sent them.
+
+        within_hand: take no more once hand_full; the rest stays in the channel."""
+    @property
+    def hand_full(self) -> bool:
+        """Holding --queue-depth connections not reached yet: leave the rest in the channel."""
     def report(self, state: int) -> None: ...
     def heartbeat(self) -> None: ...
     def opened(self) -> None: ...

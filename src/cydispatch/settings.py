@@ -227,10 +227,11 @@ class Settings:
         "full, new ones wait in the backlog", parse=whole_number,
         check=at_least(1), metavar="N")
     queue_depth: int = option(
-        0, "connections a worker may hold unanswered in dispatch mode; beyond "
-        "that, new ones wait in the backlog for the first worker to catch up; "
-        "higher gives more throughput, lower a shorter tail; auto: 2, times the "
-        "workers sharing each CPU", parse=queue_depth, check=valid_queue_depth,
+        0, "connections a worker takes in hand before reaching their requests "
+        "in dispatch mode (up to 4 times as many wait in its channel, the rest "
+        "in the backlog for the first worker to catch up); higher gives more "
+        "throughput, lower a shorter tail; auto: 2, times the workers sharing "
+        "each CPU", parse=queue_depth, check=valid_queue_depth,
         metavar="N", shown="auto")
     # Time limits
     graceful_timeout: float = option(

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import resource
+import select
 import signal
 import socket
 import sys
@@ -51,6 +52,22 @@ PRIMARY_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 # Descriptors kept free for what the app opens itself (files, database
 # connections), beyond those it holds when it reports ready.
 FD_RESERVE = 64
+# How long an exiting worker waits for room in the primary's socket to send
+# its last report: the primary reads reports at every turn of its loop.
+EXIT_FLUSH_SECONDS = 2.0
+
+
+def flush_reports(channel: WorkerChannel, timeout: float) -> bool:
+    """Send what waits on `channel`, waiting up to `timeout` s for room; True once sent."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLOUT)
+    while not channel.flush():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        poller.poll(left * 1000)
+    return True
 
 
 def descriptor_room() -> int:
@@ -108,6 +125,11 @@ class Worker:
                 0, self.settings.max_requests_jitter)
         self.recycling = False
         self.report_retrying = False
+        # The channel is read only while the worker has room in hand for
+        # more connections (WorkerChannel.hand_full): its reader is removed
+        # meanwhile, and a pull is due once it reaches one it holds.
+        self.channel_watched = False
+        self.pull_due = False
         self.ticks = 0
         self.now = time.monotonic()
         self.responses = Responses()
@@ -173,6 +195,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.drain)
         loop.add_signal_handler(signal.SIGQUIT, loop.stop)
         loop.add_reader(self.channel.fileno(), self.on_channel_readable)
+        self.channel_watched = True
         if self.lifespan is not None:
             # Before ready: no connection reaches an app that has not started.
             loop.run_until_complete(self.lifespan.startup())
@@ -196,7 +219,12 @@ class Worker:
         finally:
             if self.wsgi_app is not None:
                 self.wsgi_app.stop()
-            self.channel.flush()    # a last report (connections lost) if one waits
+            # A last report (connections lost for want of descriptors, the
+            # state) must not be dropped because the primary's socket is
+            # full for a moment.
+            if not flush_reports(self.channel, EXIT_FLUSH_SECONDS):
+                log.warning("Worker %d: the primary took no last report in %.0f s",
+                            os.getpid(), EXIT_FLUSH_SECONDS)
             self.channel.close()
         return 0
 
@@ -209,16 +237,29 @@ class Worker:
     # The channel
 
     def on_channel_readable(self) -> None:
-        fds, stop, final, closed = self.channel.receive()
+        self.pull_due = False
+        if self.channel.fileno() < 0:
+            return      # the primary went away; a pull was still due
+        fds, stop, final, closed = self.channel.receive(within_hand=True)
         for fd in fds:
             self.loop.create_task(self.adopt(fd))
         if closed:
             log.warning("Worker %d: the primary is gone; finishing up", os.getpid())
-            self.loop.remove_reader(self.channel.fileno())
+            if self.channel_watched:
+                self.loop.remove_reader(self.channel.fileno())
+                self.channel_watched = False
             self.channel.close()
             self.nothing_follows = True
             self.drain()
             return
+        # Level-triggered: with the hand full, what waits would wake the
+        # loop at every turn.  Leave it to the primary until there is room.
+        if self.channel.hand_full == self.channel_watched:
+            if self.channel_watched:
+                self.loop.remove_reader(self.channel.fileno())
+            else:
+                self.loop.add_reader(self.channel.fileno(), self.on_channel_readable)
+            self.channel_watched = not self.channel_watched
         self.retry_report()
         if final:
             self.nothing_follows = True
@@ -255,7 +296,7 @@ class Worker:
                 # Never opened, so never closed: close and uncount it here.
                 log.warning("could not serve a handed connection: %s", exc)
                 os.close(fd)
-                self.channel.dequeue()
+                self.dequeue()
                 self.channel.closed()
                 self.exit_if_done()
 
@@ -278,9 +319,17 @@ class Worker:
         self.connections.add(new)
 
     def dequeued(self, protocol) -> None:
-        """`protocol`'s connection is answered (or given up on): off the worker's queue."""
+        """The worker reached `protocol`'s request (or gave up on it): off its queue."""
         protocol.queued_at = None
+        self.dequeue()
+
+    def dequeue(self) -> None:
         self.channel.dequeue()
+        if not self.channel_watched and not self.pull_due and self.channel.fileno() >= 0:
+            # Room in hand: take the next from the channel, after the
+            # callback that made room (a response being written) is done.
+            self.pull_due = True
+            self.loop.call_soon(self.on_channel_readable)
 
     # Stopping
 
