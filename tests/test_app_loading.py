@@ -75,3 +75,23 @@ def test_app_from_the_environment(start_server):
     server = start_server(workers=1, env={"CYDISPATCH_APP": "edge_asgi:app",
                                           "CYDISPATCH_APP_DIR": APPS})
     assert get(server.host, server.port, "/from-env").body == b"/from-env"
+
+
+def test_the_quick_starts_app_serves_on_every_worker(start_server):
+    # The app the README's first command serves, run as it says: from the
+    # clone's root (here given as --app-dir, the current directory there).
+    import json
+    import re
+    from observe import distinct_workers_answer
+    root = Path(__file__).parents[1]
+    command = re.search(r"^pip install \. && cydispatch serve (\S+)$",
+                        (root / "README.md").read_text(), re.MULTILINE)
+    assert command, "the README's quick start no longer serves an app"
+    server = start_server("--app-dir", str(root), command.group(1))
+    pids = distinct_workers_answer(server, 2)
+    item = get(server.host, server.port, "/items/7")
+    assert item.status == 200
+    body = json.loads(item.body)
+    # Lifespan startup ran in the worker and its state reached the request.
+    assert body["id"] == 7 and body["worker"] in pids and body["worker_up_seconds"] >= 0
+    assert get(server.host, server.port, "/nope").status == 404

@@ -265,34 +265,6 @@ def test_a_stream_to_a_client_that_left_stops(edge):
                message="the app's send to fail")
 
 
-def peak_rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
-def test_slow_reader_does_not_make_the_worker_buffer_the_response(edge):
-    chunks = 1024    # 64 MB
-    with socket.create_connection((edge.host, edge.port), timeout=30) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n")
-        pid = int(sock.recv(65536).rpartition(b"\r\n\r\n")[2])
-        before = peak_rss_kb(pid)
-        sock.sendall(b"GET /large-stream?chunks=%d HTTP/1.1\r\nHost: t\r\n\r\n" % chunks)
-        total = 0
-        # A slow reader: 4 MB at 64 KB every 10 ms, then the rest at full speed.
-        while total < 4 << 20:
-            total += len(sock.recv(65536))
-            time.sleep(0.01)
-        while total < chunks * 65536 and (data := sock.recv(1 << 20)):
-            total += len(data)
-    grown = peak_rss_kb(pid) - before
-    assert total >= chunks * 65536
-    assert grown < 16 * 1024, f"the worker's peak RSS grew {grown} KB for a slow reader"
-
-
 # Request smuggling and malformed input: 400, then close
 
 SMUGGLING = {
@@ -449,6 +421,41 @@ def test_lifespan_order_across_a_reload_under_load(start_server, tmp_path):
     first_new_start = min(when[pid, "startup"] for pid in new)
     for pid in old:
         assert when[pid, "shutdown"] > first_new_start
+
+
+def lifespan_events(log: Path, event: str) -> set[int]:
+    return {int(line.split()[0]) for line in log.read_text().splitlines()
+            if line.split()[1] == event}
+
+
+def test_lifespan_shutdown_runs_when_a_worker_is_recycled(start_server, tmp_path):
+    log = tmp_path / "events"
+    server = serve(start_server, "fastapi_app:app", "--max-requests", "10",
+                   env={"LIFESPAN_EVENTS": str(log)})
+    first = set(server.started_workers())
+    for _ in range(25):
+        assert request(server, "/items/1").status == 200
+    recycled = int(server.wait_for_log(
+        r"Replacing worker (\d+): it reached --max-requests")[0].group(1))
+    assert recycled in first
+    successor = int(server.wait_for_log(rf"Worker (\d+) replaces worker {recycled}")[0].group(1))
+    server.wait_for_log(rf"Worker {recycled} exited \(exit code 0\)")
+    assert recycled in lifespan_events(log, "shutdown")
+    # The successor had started its app when it was reported ready.
+    assert successor in lifespan_events(log, "startup")
+
+
+def test_lifespan_shutdown_runs_when_a_worker_is_removed(start_server, tmp_path):
+    log = tmp_path / "events"
+    server = serve(start_server, "fastapi_app:app", env={"LIFESPAN_EVENTS": str(log)})
+    first = set(server.started_workers())
+    server.proc.send_signal(signal.SIGTTOU)
+    server.wait_for_log(r"Removing a worker: 1 now")
+    wait_until(lambda: len(server.worker_pids()) == 1, message="one worker left")
+    removed = first - server.worker_pids()
+    assert len(removed) == 1
+    server.wait_for_log(rf"Worker {removed.pop()} exited \(exit code 0\)")
+    assert lifespan_events(log, "shutdown") == first - server.worker_pids()
 
 
 def test_lifespan_startup_failure_is_a_boot_failure(start_server):

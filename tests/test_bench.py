@@ -162,6 +162,30 @@ def test_bench_runs_nodes_cluster_beside_the_built_in_app(tmp_path):
     assert "vs node" in (tmp_path / "results.md").read_text()
 
 
+@needs_wrk
+def test_bench_runs_the_app_under_uvicorn_granian_and_gunicorn_too(tmp_path):
+    peers = ["uvicorn", "granian", "gunicorn"]
+    result = subprocess.run(
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1",
+         "--app", "cydispatch.bench.apps:hello", "--peers", ",".join(peers),
+         "--modes", "dispatch/least-conn", "--workloads", "keepalive", "balance",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    for peer in peers:
+        peer_runs = [r for r in results["runs"] if r["mode"] == peer]
+        assert {r["workload"] for r in peer_runs} == {"keepalive", "balance"}, peer
+        for run_ in peer_runs:
+            assert run_["wrk"]["requests"] > 0 and run_["wrk"]["errors"] == 0, run_
+            if run_["workload"] == "balance":
+                # The peer really ran two workers of the app: two pids answered.
+                assert len(run_["wrk"]["workers"]) == 2, run_
+        ratio = results["summary"]["keepalive"]["dispatch/least-conn"]["vs_peers"][peer]
+        assert ratio["rps"] > 0
+    header = (tmp_path / "results.md").read_text()
+    assert all(f"vs {peer}" in header for peer in peers)
+
+
 def test_bench_peers_peer_ratios_are_taken_round_by_round():
     results = {
         "config": {"workloads": ["close"], "modes": ["dispatch/least-conn"],

@@ -150,3 +150,4 @@ def test_a_worker_whose_threads_are_all_busy_gets_no_new_connections(start_serve
         served_by = [int(request(server, "/pid").body) for _ in range(8)]
         assert sleeper.response().status == 200
     assert busy not in served_by and len(set(served_by)) == 1
+

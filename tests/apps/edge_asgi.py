@@ -126,6 +126,25 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body",
                     "body": b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())})
         return
+    if path == "/hold":
+        # Take the first part of the body, then nothing until the file named
+        # by ?release= exists: the client's upload must stall meanwhile.
+        digest, size = hashlib.sha256(), 0
+        message = await receive()
+        record(f"holding {os.getpid()}")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(query["release"]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        while True:
+            digest.update(message.get("body", b""))
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+            message = await receive()
+        await start(send)
+        await send({"type": "http.response.body",
+                    "body": b"%d %s" % (size, digest.hexdigest().encode())})
+        return
     if path == "/ignore-body":
         await start(send)
         await send({"type": "http.response.body", "body": b"ignored"})
