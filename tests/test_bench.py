@@ -95,6 +95,21 @@ def test_ratios_are_taken_round_by_round():
     assert report.balance(results["runs"][0], workers=2)[0] == pytest.approx(1.25)
 
 
+@pytest.mark.parametrize("client_cpus, usable, workers, judged, words", [
+    ([], 2, 2, False, "shares its CPU with wrk"),
+    ([0], 2, 2, False, "2 workers take turns on 1 CPU:"),
+    ([0], 8, 4, True, None),
+    ([0, 1], 8, 7, False, "7 workers take turns on 6 CPUs:"),
+])
+def test_balance_is_judged_only_where_each_worker_has_a_cpu(client_cpus, usable, workers,
+                                                            judged, words):
+    results = {"config": {"client_cpus": client_cpus, "workers": workers},
+               "machine": {"cpus_usable": usable}}
+    reason = report.workers_lack_a_cpu_each(results)
+    assert (reason is None) == judged
+    assert judged or words in reason
+
+
 @needs_wrk
 def test_client_cpus_keep_wrk_and_the_servers_apart(tmp_path):
     import os

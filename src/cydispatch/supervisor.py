@@ -228,7 +228,13 @@ class Arbiter:
         finally:
             self.kill_all()
             signal.set_wakeup_fd(-1)
-        log.info("Primary %d stopped", os.getpid())
+        dispatcher = self.dispatcher
+        if settings.mode == "dispatch":
+            log.info("Primary %d stopped: %d connections accepted, %d taken back from "
+                     "workers that did not take them, %d handed again", os.getpid(),
+                     dispatcher.accepted, dispatcher.reclaimed, dispatcher.redispatched)
+        else:
+            log.info("Primary %d stopped", os.getpid())
         return self.exit_code
 
     def sleep_time(self) -> float:
