@@ -414,6 +414,36 @@ def send_fds(int channel, fds, int batch=MAX_FDS_PER_MESSAGE):
     return messages
 
 
+def send_fds_each(int channel, fds):
+    """Hand `fds` over `channel` as the primary's loop does: one message per fd,
+    up to 253 of them in one sendmmsg.
+
+    For tests and microbenchmarks.  Returns the number of sendmmsg calls.
+    """
+    cdef HandoffMessages *out = <HandoffMessages *>malloc(sizeof(HandoffMessages))
+    cdef int buffer[MAX_FDS_PER_MESSAGE]
+    cdef int count = 0, calls = 0, sent, k
+    cdef list pending = list(fds)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        while pending:
+            count = min(len(pending), MAX_FDS_PER_MESSAGE)
+            for k in range(count):
+                buffer[k] = pending[k]
+            with nogil:
+                sent = send_handoffs(channel, buffer, count, out)
+            if sent < 0:
+                raise_errno(-sent)
+            calls += 1
+            del pending[:sent]
+            if sent < count:
+                raise_errno(errno.EAGAIN)   # the channel is full
+        return calls
+    finally:
+        free(out)
+
+
 cdef LoadPage *map_load_page(int load_fd) except NULL:
     cdef void *page = mmap(NULL, LOAD_PAGE_SIZE, PROT_READ | PROT_WRITE,
                            MAP_SHARED, load_fd, 0)

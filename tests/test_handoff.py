@@ -261,12 +261,18 @@ def test_an_exiting_worker_waits_for_room_to_send_its_last_report():
 
 # Nothing lost: workers that die, stall, run out of descriptors
 
+def waiting_in_its_channel(r: Rig, slot: int, count: int) -> list[socket.socket]:
+    """`count` clients, handed to the worker in `slot`, unread in its channel."""
+    clients = r.connect(count)
+    hand_out(r, count)
+    assert r.dispatcher.load(slot)[2] == count
+    return clients
+
+
 def test_what_a_dead_worker_never_received_goes_to_another(rig):
     r = rig()
     doomed = r.attach(0)
-    clients = r.connect(2)
-    hand_out(r, 2)
-    assert r.dispatcher.load(0)[2] == 2     # in its channel, unread
+    clients = waiting_in_its_channel(r, 0, 2)
     doomed.close()                          # it dies: its end closes
     assert r.dispatcher.detach(0) == 2
     heir = r.attach(1)
@@ -420,6 +426,24 @@ def test_stop_out_of_descriptors_hands_out_the_whole_backlog(rig):
     assert not r.dispatcher.listening
     received = first.receive()[0] + second.receive()[0]
     assert sorted(peers_of(received)) == sorted(addresses(clients))
+
+
+def test_during_a_stop_a_dead_workers_connections_go_to_one_still_finishing(rig):
+    r = rig()
+    doomed = r.attach(1)
+    clients = waiting_in_its_channel(r, 1, 2)
+    finisher = r.attach(0)
+    r.dispatcher.close_listener()
+    r.dispatcher.retire(0)                  # both told to finish and exit
+    r.dispatcher.retire(1)
+    doomed.close()                          # and this one dies first
+    assert r.dispatcher.detach(1) == 2
+    r.dispatcher.run(0)
+    received, stop, final, closed = finisher.receive()
+    assert stop and final and not closed
+    # Nobody else is left to serve them: the finishing worker does.
+    assert peers_of(received) == addresses(clients)
+    assert r.dispatcher.redispatched == 2 and r.dispatcher.orphans == 0
 
 
 def test_a_worker_out_of_descriptors_reports_what_the_kernel_closed(rig):

@@ -26,6 +26,9 @@ class Event(enum.IntEnum):
 def send_fds(channel: int, fds: list[int], batch: int = 253) -> int:
     """Hand fds over a channel in messages of at most `batch`; the message count."""
 
+def send_fds_each(channel: int, fds: list[int]) -> int:
+    """Hand fds over a channel one message each, up to 253 per sendmmsg; the call count."""
+
 class Dispatcher:
     """The primary's accept loop. Owns the listening fd and every attached channel."""
 
