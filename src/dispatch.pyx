@@ -161,6 +161,10 @@ cdef struct LoadPage:
     uint32_t hand_limit  # --queue-depth, written by the primary: connections
                          # the worker takes off its channel before it has
                          # reached them (0: no limit)
+    uint32_t nudge_below  # written by the primary: a worker asked for a
+                          # nudge sends it only once its queue is down to
+                          # this (0: at once), so that the primary wakes
+                          # once per batch, not once per connection
 
 
 cpdef enum WorkerState:     # a worker's state, as it reports it
@@ -648,6 +652,7 @@ cdef class Dispatcher:
             raise
         s.page = page
         atomic_store_u32(&page.hand_limit, self.queue_depth)
+        atomic_store_u32(&page.nudge_below, self.queue_depth * CHANNEL_AHEAD_FACTOR // 2)
         s.channel = channel_fd
         s.peer = peer_fd
         s.state = SLOT_STARTING
@@ -1458,11 +1463,18 @@ cdef class WorkerChannel:
             self._nudge_if_asked()
 
     cdef void _nudge_if_asked(self) noexcept:
-        # The primary waits for room here (see LoadPage): wake it.
-        if atomic_load_u32(&self.page.nudge) and \
-                atomic_exchange_u32(&self.page.nudge, 0):
-            self.report_waiting = True
-            self._send_waiting()
+        # The primary waits for room here (see LoadPage): wake it, once the
+        # queue is down to nudge_below.  Above that the worker has work in
+        # hand and every connection it reaches comes back here, so the nudge
+        # is only put off, and the primary hands a batch when it comes.
+        cdef uint32_t below
+        if atomic_load_u32(&self.page.nudge):
+            below = atomic_load_u32(&self.page.nudge_below)
+            if below and atomic_load_u32(&self.page.queued) > below:
+                return
+            if atomic_exchange_u32(&self.page.nudge, 0):
+                self.report_waiting = True
+                self._send_waiting()
 
     @property
     def backlogged(self):

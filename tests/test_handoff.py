@@ -342,6 +342,44 @@ def test_a_worker_takes_in_hand_no_more_than_the_queue_depth(rig):
     assert peers_of(first + second) == addresses(clients[:3])   # in order
 
 
+def test_a_worker_wakes_the_primary_once_its_queue_is_down_to_half(rig):
+    # The primary waits for room with 8 queued for this worker and 4 more in
+    # the backlog.  The worker says so (a report, which wakes the primary)
+    # only once its queue is down to 4: one wake-up and a batch handed, not
+    # one of each per connection.
+    r = rig(queue_depth=2)
+    worker = r.attach(0, keep_channel_copy=True)
+    primary_end = socket.socket(fileno=os.dup(r.channel_copies[0]))
+    clients = r.connect(12)
+    hand_out(r, 8)
+    for _ in range(10):
+        r.dispatcher.run(0)
+    assert r.dispatcher.accepted == 8       # and the primary asked for a nudge
+
+    def report_sent() -> bool:
+        try:
+            return bool(primary_end.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+
+    taken = []
+    for queued in (7, 6, 5):
+        taken += worker.receive(within_hand=True)[0]
+        worker.dequeue()
+        assert worker.queued == queued
+        assert not report_sent(), f"the worker woke the primary with {queued} queued"
+    taken += worker.receive(within_hand=True)[0]
+    worker.dequeue()
+    assert worker.queued == 4 and report_sent()
+    primary_end.close()
+    hand_out(r, 12)
+    assert r.dispatcher.load(0)[1] == 8     # queued again, in one batch
+    while len(taken) < 12:
+        worker.dequeue()
+        taken += worker.receive(within_hand=True)[0]
+    assert peers_of(taken) == addresses(clients)
+
+
 def test_a_stuck_worker_gives_back_what_it_holds_in_its_channel(rig):
     r = rig(queue_depth=1)
     stuck = r.attach(0)

@@ -242,7 +242,7 @@ class Worker:
             return      # the primary went away; a pull was still due
         fds, stop, final, closed = self.channel.receive(within_hand=True)
         for fd in fds:
-            self.loop.create_task(self.adopt(fd))
+            self.adopt(fd)
         if closed:
             log.warning("Worker %d: the primary is gone; finishing up", os.getpid())
             if self.channel_watched:
@@ -286,19 +286,45 @@ class Worker:
             self.report_retrying = False
             self.loop.remove_writer(self.channel.fileno())
 
-    async def adopt(self, fd: int) -> None:
+    def adopt(self, fd: int) -> None:
+        """Serve a handed connection.
+
+        uvloop's connect_accepted_socket is a coroutine that makes the
+        transport at once and then waits for connection_made, a turn of the
+        loop later.  It is stepped here by hand, not run as a task: a task
+        per connection (its registration in asyncio's set of tasks, one more
+        callback) is a cost the reuseport path, accepting in C, never pays.
+        """
         protocol = self.new_connection(self.ticks)
+        opening = self.loop.connect_accepted_socket(
+            lambda: protocol, HandedConnection(fd, self.family))
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: protocol, HandedConnection(fd, self.family))
+            waiter = opening.send(None)
+        except StopIteration:
+            return
         except Exception as exc:
-            if protocol.transport is None:
-                # Never opened, so never closed: close and uncount it here.
-                log.warning("could not serve a handed connection: %s", exc)
-                os.close(fd)
-                self.dequeue()
-                self.channel.closed()
-                self.exit_if_done()
+            self.adopt_failed(fd, protocol, exc)
+            return
+        # Resumed once connection_made has run, so that it returns; dropped
+        # while suspended, it would close the transport.
+        waiter.add_done_callback(lambda _: self.adopted(opening, fd, protocol))
+
+    def adopted(self, opening, fd: int, protocol) -> None:
+        try:
+            opening.send(None)
+        except StopIteration:
+            pass
+        except Exception as exc:
+            self.adopt_failed(fd, protocol, exc)
+
+    def adopt_failed(self, fd: int, protocol, exc: Exception) -> None:
+        if protocol.transport is None:
+            # Never opened, so never closed: close and uncount it here.
+            log.warning("could not serve a handed connection: %s", exc)
+            os.close(fd)
+            self.dequeue()
+            self.channel.closed()
+            self.exit_if_done()
 
     # Connection accounting, called by HttpProtocol
 
