@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -175,6 +176,8 @@ def test_bench_runs_nodes_cluster_beside_the_built_in_app(tmp_path):
         if run_["workload"] == "balance":
             assert len(run_["wrk"]["workers"]) == 2     # Node's two workers answered
     assert "vs node" in (tmp_path / "results.md").read_text()
+    # Which Node the figures were measured against (a program, not a package).
+    assert re.fullmatch(r"\d+\.\d+\.\d+", results["machine"]["versions"]["node"])
 
 
 @needs_wrk

@@ -40,7 +40,7 @@ def test_help_lists_every_option():
                    "--max-requests-jitter", "APP", "--app-dir", "--factory", "--interface",
                    "--lifespan", "--root-path", "--proxy-headers", "--no-proxy-headers",
                    "--forwarded-allow-ips", "--header-timeout", "--threads", "--access-log",
-                   "--ws-max-size",
+                   "--ws-max-size", "--admin",
                    "dispatch", "reuseport", "shared", "least-conn", "round-robin"):
         assert option in result.stdout
 

@@ -17,7 +17,7 @@ from cydispatch import __version__, logs
 from cydispatch.bench.peers import PEERS
 from cydispatch.bench.runner import MODES as BENCH_MODES
 from cydispatch.bench.runner import WORKLOADS as BENCH_WORKLOADS
-from cydispatch.listener import ListenError
+from cydispatch.listener import ListenError, parse_admin_address
 from cydispatch import settings as settings_module
 from cydispatch.settings import ENV_PREFIX, Settings, env_name, flag_name
 
@@ -201,7 +201,37 @@ def build_parser() -> CliParser:
                             "report errors, RSS and descriptor counts over time "
                             "(soak.json, soak.md)")
     bench.set_defaults(run=run_bench)
+
+    status = commands.add_parser(
+        "status", help="show the workers of a running server (needs its --admin)",
+        description="Ask a running primary's admin endpoint for its workers: "
+                    "pid, CPU, state, connections, restarts, memory.")
+    status.add_argument("--admin", metavar="HOST:PORT", type=argument_type(admin_address),
+                        default=os.environ.get(ENV_PREFIX + "ADMIN") or None,
+                        help="the server's --admin address (default: $CYDISPATCH_ADMIN)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(run=run_status)
     return parser
+
+
+def admin_address(text: str) -> str:
+    parse_admin_address(text)
+    return text
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from cydispatch import status
+    if not args.admin:
+        print("cydispatch: error: --admin HOST:PORT is required (the address the "
+              "server was started with --admin)", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        view = status.fetch(args.admin)
+    except status.Unreachable as exc:
+        print(f"cydispatch: error: {exc}", file=sys.stderr)
+        return STARTUP_ERROR
+    print(status.as_json(view) if args.json else status.table(view))
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -64,3 +64,15 @@ def bind(host: str, port: int, backlog: int, *, reuseport: bool = False,
             raise ListenError(f"cannot listen on {where}: permission denied") from None
         raise ListenError(f"cannot listen on {where}: {exc.strerror}") from None
     return sock
+
+
+def parse_admin_address(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or :PORT (loopback) -> (host, port); ValueError otherwise."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9000)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: put an IPv6 address in brackets, [::1]:9000")
+    return host or "127.0.0.1", int(port_text)

@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from cydispatch.listener import parse_admin_address
+
 MODES = ("dispatch", "reuseport", "shared")
 POLICIES = ("least-conn", "round-robin")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -155,6 +157,11 @@ def valid_networks(value: str) -> None:
     parse_networks(value)
 
 
+def valid_admin(value: str) -> None:
+    if value:
+        parse_admin_address(value)
+
+
 def nothing_to_check(value) -> None:
     pass
 
@@ -276,6 +283,11 @@ class Settings:
     access_log: bool = option(
         False, "log one line per request (see the README for the format)")
     log_level: str = option("info", "how much the server logs", choices=LOG_LEVELS)
+    # Operating it
+    admin: str = option(
+        "", "serve /metrics (Prometheus), /healthz and /status from the primary "
+        "on HOST:PORT (e.g. 127.0.0.1:9000; [::1]:9000); off when not given",
+        check=valid_admin, metavar="HOST:PORT")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -18,6 +18,7 @@ would add one worker); the loop dispatches each to a handle_<name> method.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -77,7 +78,8 @@ class WorkerSlot:
     """A place for one serving worker: its CPU, its worker, its restart history."""
 
     __slots__ = ("index", "cpu", "worker", "successor", "deaths",
-                 "boot_failures", "successor_failures", "start_at")
+                 "boot_failures", "successor_failures", "start_at", "restarts",
+                 "replace_reason")
 
     def __init__(self, index: int, cpu: int | None) -> None:
         self.index = index
@@ -88,6 +90,8 @@ class WorkerSlot:
         self.boot_failures = 0      # in a row, each before the worker was ready
         self.successor_failures = 0  # replacements that died before ready
         self.start_at = 0.0         # when to start the next worker (backoff)
+        self.restarts = 0           # workers that replaced another here
+        self.replace_reason = "reload"  # why its worker is being replaced
 
 
 def describe_exit(status: int) -> str:
@@ -126,6 +130,10 @@ class Arbiter:
         self.listener: socket.socket | None = None
         self.dispatcher: Dispatcher | None = None
         self.address = ""
+        self.started_at = time.monotonic()
+        # Workers replaced, by why (crash, watchdog, recycle, reload): for --admin.
+        self.restarts: collections.Counter[str] = collections.Counter()
+        self.admin = None   # the --admin endpoint's server, when asked for
 
     # Setting up
 
@@ -203,6 +211,13 @@ class Arbiter:
         settings = self.settings
         self.raise_descriptor_limit()
         self.open_listener()
+        if settings.admin:
+            # Imported only then: prometheus_client costs the primary memory.
+            from cydispatch.admin import AdminServer, snapshot_of
+            from cydispatch.listener import parse_admin_address
+            # Before any worker: /healthz says 503 until one is ready.
+            self.admin = AdminServer(*parse_admin_address(settings.admin),
+                                     lambda: snapshot_of(self))
         self.install_signals()
         listen_fd = self.listener.detach() if settings.mode == "dispatch" else -1
         depth = settings.queue_depth or auto_queue_depth(settings.workers,
@@ -217,6 +232,8 @@ class Arbiter:
                  settings.workers, self.address)
         for index in range(settings.workers):
             self.slots.append(WorkerSlot(index, self.cpu_for(index)))
+        if self.admin is not None:
+            self.admin.start()
         try:
             while not (self.stopping and not self.workers):
                 self.start_due_workers()
@@ -228,6 +245,8 @@ class Arbiter:
         finally:
             self.kill_all()
             signal.set_wakeup_fd(-1)
+            if self.admin is not None:
+                self.admin.close()
         dispatcher = self.dispatcher
         if settings.mode == "dispatch":
             log.info("Primary %d stopped: %d connections accepted, %d taken back from "
@@ -270,6 +289,7 @@ class Arbiter:
             if worker is slot.worker and slot not in self.replacements \
                     and slot in self.slots and not self.stopping:
                 log.info("Replacing worker %d: it reached --max-requests", worker.pid)
+                slot.replace_reason = "recycle"
                 self.replacements.append(slot)
         elif event == Event.EVENT_DRAINING:
             self.worker_draining(worker)
@@ -422,6 +442,7 @@ class Arbiter:
             if old is not None:
                 log.info("Worker %d replaces worker %d, which finishes its "
                          "connections and exits", worker.pid, old.pid)
+                self.count_restart(slot, slot.replace_reason)
                 self.retire(old)
 
     def retire(self, worker: WorkerProcess) -> None:
@@ -472,7 +493,12 @@ class Arbiter:
         if worker is slot.successor:
             self.successor_died(slot)
         elif worker is slot.worker:
+            self.count_restart(slot, "crash")
             self.slot_lost_worker(slot, worker)
+
+    def count_restart(self, slot: WorkerSlot, reason: str) -> None:
+        self.restarts[reason] += 1
+        slot.restarts += 1
 
     def slot_lost_worker(self, slot: WorkerSlot, worker: WorkerProcess) -> None:
         """The slot's worker died or hangs: count it, and start another in time."""
@@ -545,6 +571,7 @@ class Arbiter:
         self.reloading = True
         for slot in self.slots:
             slot.successor_failures = 0
+            slot.replace_reason = "reload"
             if slot not in self.replacements:
                 self.replacements.append(slot)
 
@@ -607,6 +634,7 @@ class Arbiter:
                 self.successor_died(slot)
             elif worker is slot.worker and not self.stopping:
                 # Its replacement need not wait for it to go.
+                self.count_restart(slot, "watchdog")
                 self.slot_lost_worker(slot, worker)
 
     def signal_worker(self, worker: WorkerProcess, signum: int) -> None:

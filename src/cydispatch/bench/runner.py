@@ -190,6 +190,8 @@ def machine(config_packages: tuple[str, ...] = ()) -> dict:
                 break
     versions = {}
     for package in ("cydispatch", "uvloop", "httptools", *config_packages):
+        if package == "node":
+            continue    # a program, not a Python package: below
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -199,6 +201,12 @@ def machine(config_packages: tuple[str, ...] = ()) -> dict:
         versions["wrk"] = banner.split()[1] if banner.startswith("wrk ") else None
     except OSError:
         versions["wrk"] = None
+    if "node" in config_packages:
+        try:
+            versions["node"] = subprocess.run(["node", "--version"], capture_output=True,
+                                              text=True).stdout.strip().lstrip("v") or None
+        except OSError:
+            versions["node"] = None
     return {
         "cpu_model": model,
         "cpus_online": os.cpu_count(),

@@ -1,0 +1,234 @@
+"""The admin endpoint (--admin HOST:PORT): metrics, health and status, served by the primary.
+
+It runs in a thread of the primary, never in a worker and never in the
+accept loop: the thread only reads what the primary already knows (its
+counters, each worker's shared load page, /proc) and the loop's own thread
+never waits for it.  Scrapes take the GIL for about a millisecond; the
+accept loop holds it only between its waits in epoll.
+
+    GET /metrics   Prometheus text format (OpenMetrics when asked for),
+                   from prometheus_client, over a collector of our own
+    GET /healthz   200 while serving, 503 before a worker is ready and once
+                   a stop has begun, with a small JSON body
+    GET /status    the same as JSON, with a row per worker, for
+                   `cydispatch status`
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+
+from cydispatch.listener import bind, format_address
+
+log = logging.getLogger("cydispatch.primary")
+
+RESTART_REASONS = ("crash", "watchdog", "recycle", "reload")
+WORKER_STATES = ("starting", "ready", "draining")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None     # it exited just now
+
+
+def snapshot_of(arbiter) -> dict:
+    """What the primary knows, as plain data: read from the admin thread.
+
+    Every container is copied before it is walked (one step under the GIL),
+    so the loop's thread may change them meanwhile.
+    """
+    settings = arbiter.settings
+    dispatcher = arbiter.dispatcher
+    now = time.monotonic()
+    workers = []
+    for worker in list(arbiter.workers.values()):
+        slot = worker.slot
+        if worker.retiring:
+            state = "draining"
+        elif worker.ready:
+            state = "ready"
+        else:
+            state = "starting"
+        opened, queued, _, handed = dispatcher.load(worker.channel) if dispatcher \
+            else (0, 0, 0, 0)
+        workers.append({
+            "worker": slot.index, "pid": worker.pid, "cpu": slot.cpu, "state": state,
+            "connections": opened, "queued": queued,
+            "handed": handed if settings.mode == "dispatch" else None,
+            "restarts": slot.restarts, "rss_bytes": resident_bytes(worker.pid),
+            "uptime_seconds": round(now - worker.started_at, 3),
+        })
+    workers.sort(key=lambda w: (w["worker"], w["state"] != "draining"))
+    dispatching = dispatcher is not None and settings.mode == "dispatch"
+    return {
+        "primary": {
+            "pid": os.getpid(), "mode": settings.mode,
+            "policy": settings.policy if settings.mode == "dispatch" else None,
+            "address": arbiter.address, "workers_wanted": len(list(arbiter.slots)),
+            "uptime_seconds": round(now - arbiter.started_at, 3),
+            "stopping": arbiter.stopping, "reloading": arbiter.reloading,
+        },
+        "connections": {
+            "accepted": dispatcher.accepted if dispatching else None,
+            "redispatched": dispatcher.redispatched if dispatching else None,
+        },
+        "restarts": {reason: arbiter.restarts[reason] for reason in RESTART_REASONS},
+        "workers": workers,
+    }
+
+
+def health_of(snapshot: dict) -> tuple[int, dict]:
+    """(HTTP status, body): serving while a worker is ready and no stop has begun."""
+    states = [w["state"] for w in snapshot["workers"]]
+    ready = states.count("ready")
+    stopping = snapshot["primary"]["stopping"]
+    if stopping:
+        status = "stopping"
+    elif ready:
+        status = "serving"
+    else:
+        status = "starting"
+    body = {"status": status, "workers_ready": ready,
+            "workers_starting": states.count("starting"),
+            "workers_draining": states.count("draining")}
+    return (200 if status == "serving" else 503), body
+
+
+class PrimaryCollector:
+    """prometheus_client collector over a snapshot: no metric objects to keep in step."""
+
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self):
+        view = self.snapshot()
+        connections = view["connections"]
+        if connections["accepted"] is not None:
+            yield CounterMetricFamily(
+                "cydispatch_connections_accepted",
+                "Connections the primary accepted (dispatch mode).",
+                value=connections["accepted"])
+            yield CounterMetricFamily(
+                "cydispatch_connections_redispatched",
+                "Connections handed to a second worker: the first never took them "
+                "(it died or was stuck) or had no descriptor for them.",
+                value=connections["redispatched"])
+        restarts = CounterMetricFamily(
+            "cydispatch_worker_restarts", "Workers replaced, by why.", labels=["reason"])
+        for reason, count in view["restarts"].items():
+            restarts.add_metric([reason], count)
+        yield restarts
+        states = GaugeMetricFamily("cydispatch_workers", "Worker processes, by state.",
+                                   labels=["state"])
+        for state in WORKER_STATES:
+            states.add_metric([state], sum(w["state"] == state for w in view["workers"]))
+        yield states
+        per_worker = {
+            "connections": GaugeMetricFamily(
+                "cydispatch_worker_connections",
+                "Connections a worker holds open (handed or accepted, not closed).",
+                labels=["worker"]),
+            "queued": GaugeMetricFamily(
+                "cydispatch_worker_queued_connections",
+                "Of those, connections whose first request the worker has not reached.",
+                labels=["worker"]),
+            "rss_bytes": GaugeMetricFamily(
+                "cydispatch_worker_resident_memory_bytes",
+                "Resident memory of a worker's processes.", labels=["worker"]),
+        }
+        # During a reload a slot has two processes: their sum is the slot's.
+        totals: dict[str, dict[str, float]] = {name: {} for name in per_worker}
+        for worker in view["workers"]:
+            label = str(worker["worker"])
+            for name in per_worker:
+                totals[name][label] = totals[name].get(label, 0) + (worker[name] or 0)
+        for name, family in per_worker.items():
+            for label, value in sorted(totals[name].items()):
+                family.add_metric([label], value)
+            yield family
+
+
+class AdminHandler(http.server.BaseHTTPRequestHandler):
+    server: AdminServer
+    protocol_version = "HTTP/1.1"
+    # A client that sends nothing does not hold a thread for long.
+    timeout = 5
+
+    def do_GET(self) -> None:   # noqa: N802 (http.server's naming)
+        path = self.path.partition("?")[0]
+        try:
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self.answer(200, content_type, encoder(self.server.registry))
+            elif path == "/healthz":
+                status, body = health_of(self.server.snapshot())
+                self.answer_json(status, body)
+            elif path == "/status":
+                self.answer_json(200, self.server.snapshot())
+            else:
+                self.answer_json(404, {"error": "not found; try /metrics, /healthz, /status"})
+        except Exception:   # an admin page must never take the primary down
+            log.exception("admin endpoint: %s failed", path)
+            self.answer_json(500, {"error": "internal error"})
+
+    def answer_json(self, status: int, body: dict) -> None:
+        self.answer(status, "application/json", json.dumps(body).encode() + b"\n")
+
+    def answer(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:
+        pass    # scrapes every few seconds would drown the primary's log
+
+
+class AdminServer(http.server.ThreadingHTTPServer):
+    """The endpoint's HTTP server, on a socket bound like the main listener."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, snapshot: Callable[[], dict]) -> None:
+        # Bound by listener.bind for the same errors as the main address.
+        sock = bind(host, port, backlog=64)
+        sock.setblocking(True)
+        super().__init__(sock.getsockname()[:2], AdminHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()[:2]
+        self.snapshot = snapshot
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(PrimaryCollector(snapshot))
+        self.thread = threading.Thread(target=self.serve_forever, name="admin",
+                                       kwargs={"poll_interval": 0.5}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address
+        return f"http://{format_address(host, port)}"
+
+    def start(self) -> None:
+        self.thread.start()
+        log.info("Admin endpoint on %s (/metrics, /healthz, /status)", self.url)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.shutdown()
+        self.server_close()

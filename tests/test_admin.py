@@ -1,0 +1,216 @@
+"""--admin: metrics, health and status from the primary; `cydispatch status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import CYDISPATCH, Server
+from http_client import Connection, get
+from waiting import wait_until
+
+APPS = str(Path(__file__).parent / "apps")
+ADMIN_LINE = r"Admin endpoint on http://([\d.]+):(\d+) "
+
+
+def admin_url(server: Server) -> str:
+    host, port = server.wait_for_log(ADMIN_LINE)[0].groups()
+    return f"http://{host}:{port}"
+
+
+def fetch(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET, whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def metrics(server: Server) -> dict[str, dict[tuple, float]]:
+    """{sample name: {sorted labels: value}}, parsed by prometheus_client."""
+    status, content_type, text = fetch(admin_url(server) + "/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=")
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = \
+                sample.value
+    return samples
+
+
+def health(server: Server) -> tuple[int, dict]:
+    status, content_type, body = fetch(admin_url(server) + "/healthz")
+    assert content_type == "application/json"
+    return status, json.loads(body)
+
+
+def test_metrics_count_connections_and_workers(start_server):
+    server = start_server("--admin", "127.0.0.1:0")
+    for _ in range(5):
+        assert get(server.host, server.port).status == 200
+    with Connection(server.host, server.port) as held:   # one stays open
+        held.request("/")
+        assert held.response().status == 200
+        # The five closed ones are seen closed by their workers soon after.
+        seen = wait_until(
+            lambda: (m := metrics(server))
+            and sum(m["cydispatch_worker_connections"].values()) == 1 and m,
+            message="one connection left open")
+        assert seen["cydispatch_connections_accepted_total"][()] == 6
+        assert seen["cydispatch_connections_redispatched_total"][()] == 0
+        assert seen["cydispatch_workers"] == {(("state", "ready"),): 2,
+                                              (("state", "starting"),): 0,
+                                              (("state", "draining"),): 0}
+        assert set(seen["cydispatch_worker_connections"]) == {(("worker", "0"),),
+                                                              (("worker", "1"),)}
+        assert all(v > 1 << 20 for v in
+                   seen["cydispatch_worker_resident_memory_bytes"].values())
+        assert seen["cydispatch_worker_restarts_total"] == {
+            (("reason", r),): 0 for r in ("crash", "watchdog", "recycle", "reload")}
+
+
+@pytest.mark.parametrize("mode", ["reuseport", "shared"])
+def test_metrics_in_the_baseline_modes_have_no_primary_counters(start_server, mode):
+    server = start_server("--mode", mode, "--admin", "127.0.0.1:0")
+    assert get(server.host, server.port).status == 200
+    seen = metrics(server)
+    assert "cydispatch_connections_accepted_total" not in seen
+    assert seen["cydispatch_workers"][(("state", "ready"),)] == 2
+
+
+def test_restarts_are_counted_by_reason(start_server):
+    server = start_server("--admin", "127.0.0.1:0")
+    victim = next(iter(server.started_workers()))
+    os.kill(victim, signal.SIGKILL)
+    server.wait_for_log(r"Worker \d+ started", count=3)
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"Reload complete: every worker replaced")
+    restarts = metrics(server)["cydispatch_worker_restarts_total"]
+    assert restarts[(("reason", "crash"),)] == 1
+    assert restarts[(("reason", "reload"),)] == 2
+    assert restarts[(("reason", "recycle"),)] == 0
+
+
+def test_a_watchdog_restart_is_counted(start_server):
+    server = start_server("--admin", "127.0.0.1:0", "--timeout", "2")
+    frozen = next(iter(server.started_workers()))
+    os.kill(frozen, signal.SIGSTOP)
+    server.wait_for_log(rf"Worker {frozen} has not answered")
+    restarts = metrics(server)["cydispatch_worker_restarts_total"]
+    assert restarts[(("reason", "watchdog"),)] == 1
+    assert restarts[(("reason", "crash"),)] == 0
+
+
+def test_a_recycle_is_counted(start_server):
+    server = start_server("--admin", "127.0.0.1:0", "--max-requests", "10")
+    for _ in range(25):
+        assert get(server.host, server.port).status == 200
+    recycled = len(server.wait_for_log(r"Worker \d+ replaces worker \d+"))
+    restarts = metrics(server)["cydispatch_worker_restarts_total"]
+    assert restarts[(("reason", "recycle"),)] >= recycled >= 1
+    assert restarts[(("reason", "reload"),)] == 0
+
+
+def test_healthz_is_503_until_a_worker_is_ready(start_server, tmp_path):
+    gate = tmp_path / "gate"
+    server = start_server("--app-dir", APPS, "--admin", "127.0.0.1:0", "slow_startup:app",
+                          ready=False, env={"STARTUP_GATE": str(gate)})
+    status, body = health(server)
+    assert (status, body["status"], body["workers_ready"]) == (503, "starting", 0)
+    gate.touch()
+    server.wait_ready()
+    status, body = health(server)
+    assert (status, body) == (200, {"status": "serving", "workers_ready": 2,
+                                    "workers_starting": 0, "workers_draining": 0})
+
+
+def test_healthz_is_503_once_a_stop_has_begun(start_server, tmp_path):
+    # A request in progress keeps the primary up through the stop: meanwhile a
+    # load balancer must see it leave.
+    gate = tmp_path / "gate"
+    gate.touch()
+    server = start_server("--app-dir", APPS, "--admin", "127.0.0.1:0", "slow_startup:app",
+                          env={"STARTUP_GATE": str(gate)})
+    url = admin_url(server)
+    answers = []
+    sleeper = threading.Thread(target=lambda: answers.append(
+        get(server.host, server.port, "/sleep").status))
+    sleeper.start()
+    wait_until(lambda: sum(metrics(server)["cydispatch_worker_connections"].values()) == 1,
+               message="the request to reach a worker")
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for_log(r"Stopping: finishing requests in progress")
+    status, _, body = fetch(url + "/healthz")
+    assert (status, json.loads(body)["status"]) == (503, "stopping")
+    sleeper.join(30)
+    assert answers == [200]
+    assert server.proc.wait(30) == 0
+
+
+def test_unknown_admin_path_is_404(start_server):
+    server = start_server("--admin", "127.0.0.1:0")
+    status, content_type, body = fetch(admin_url(server) + "/nope")
+    assert status == 404 and "/metrics" in json.loads(body)["error"]
+
+
+def status_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CYDISPATCH, "status", *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_status_shows_every_worker(start_server):
+    server = start_server("--admin", "127.0.0.1:0")
+    admin = admin_url(server).removeprefix("http://")
+    result = status_command("--admin", admin)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.match(rf"primary {server.pid} \(dispatch, least-conn\) on .*: serving", lines[0])
+    header = next(i for i, line in enumerate(lines) if line.startswith("worker"))
+    assert lines[header].split() == ["worker", "pid", "cpu", "state", "conns", "queued",
+                                     "restarts", "rss", "up"]
+    rows = [line.split() for line in lines[header + 1:]]
+    assert {int(row[1]) for row in rows} == set(server.started_workers())
+    # "31.2 MB" is two words: the memory is the 8th and 9th.
+    assert all(row[3] == "ready" and row[8] == "MB" for row in rows), rows
+    as_json = json.loads(status_command("--admin", admin, "--json").stdout)
+    assert {w["pid"] for w in as_json["workers"]} == set(server.started_workers())
+
+
+def test_status_without_a_server_is_one_line():
+    result = status_command("--admin", "127.0.0.1:1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("cydispatch: error: cannot reach http://127.0.0.1:1/status")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value, words", [
+    ("9000", "'9000' is not HOST:PORT"),
+    ("::1:9000", "put an IPv6 address in brackets"),
+    ("127.0.0.1:99999", "is not HOST:PORT"),
+])
+def test_bad_admin_address_is_one_line(value, words):
+    result = subprocess.run([CYDISPATCH, "serve", "--admin", value], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_admin_address_in_use_is_one_line(start_server):
+    server = start_server()
+    result = subprocess.run([CYDISPATCH, "serve", "--port", "0",
+                             "--admin", f"{server.host}:{server.port}"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"cydispatch: error: cannot listen on "
+                                     f"{server.host}:{server.port}: address already in use")
