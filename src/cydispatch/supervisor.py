@@ -29,9 +29,10 @@ import sys
 import time
 
 from cydispatch._dispatch import Dispatcher, Event
-from cydispatch.listener import bind, format_address
+from cydispatch.listener import ListenError, bind, format_address
 from cydispatch.settings import Settings, auto_queue_depth, available_cpus
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
+from cydispatch.systemd import Notifier, inherited_listener
 
 log = logging.getLogger("cydispatch.primary")
 
@@ -134,6 +135,8 @@ class Arbiter:
         # Workers replaced, by why (crash, watchdog, recycle, reload): for --admin.
         self.restarts: collections.Counter[str] = collections.Counter()
         self.admin = None   # the --admin endpoint's server, when asked for
+        self.notifier = Notifier()
+        self.announced_ready = False    # READY=1 sent since the start or a reload
 
     # Setting up
 
@@ -145,6 +148,17 @@ class Arbiter:
         every worker then uses.
         """
         settings = self.settings
+        inherited = inherited_listener()
+        if inherited is not None:
+            if settings.mode == "reuseport":
+                raise ListenError("a socket from systemd (LISTEN_FDS) is served with "
+                                  "--mode dispatch or shared, not reuseport")
+            self.listener = inherited
+            host, port = inherited.getsockname()[:2]
+            self.address = "http://" + format_address(host, port)
+            self.settings = settings.replace(host=host, port=port)
+            log.info("Serving the socket systemd passed (%s)", self.address)
+            return
         if settings.mode == "reuseport":
             # Bound but not listening: takes no connections, keeps the port
             # ours while workers come and go.
@@ -242,6 +256,7 @@ class Arbiter:
                     self.handle_event(event, arg)
                 self.watch_workers()
                 self.check_stop_deadline()
+                self.notifier.ping_if_due(time.monotonic())
         finally:
             self.kill_all()
             signal.set_wakeup_fd(-1)
@@ -257,7 +272,8 @@ class Arbiter:
         return self.exit_code
 
     def sleep_time(self) -> float:
-        """Until the next timer: a delayed start, a kill, the stop deadline."""
+        """Until the next timer: a delayed start, a kill, the stop deadline, a
+        systemd watchdog ping."""
         now = time.monotonic()
         due = [now + TICK_SECONDS]
         if self.stopping and not self.killed:
@@ -270,6 +286,8 @@ class Arbiter:
                 due.append(self.replacements[0].start_at)
         due += [w.kill_at for w in self.workers.values() if w.kill_at]
         due += [w.exit_by for w in self.workers.values() if w.exit_by]
+        if self.notifier.ping_at is not None:
+            due.append(self.notifier.ping_at)
         return max(0.0, min(due) - now)
 
     def handle_event(self, event: int, channel: int) -> None:
@@ -432,6 +450,7 @@ class Arbiter:
         log.info("Worker %d started %s", worker.pid, where)
         if worker is slot.worker:
             slot.boot_failures = 0
+            self.announce_if_ready()
         elif worker is slot.successor:
             # The new worker serves; the old one finishes what it holds.
             old = slot.worker
@@ -444,6 +463,13 @@ class Arbiter:
                          "connections and exits", worker.pid, old.pid)
                 self.count_restart(slot, slot.replace_reason)
                 self.retire(old)
+
+    def announce_if_ready(self) -> None:
+        """sd_notify READY=1 once every slot's worker serves (at start)."""
+        if not self.announced_ready and not self.reloading and not self.stopping \
+                and all(slot.worker is not None and slot.worker.ready for slot in self.slots):
+            self.announced_ready = True
+            self.notifier.ready(f"Serving {self.address} with {len(self.slots)} workers")
 
     def retire(self, worker: WorkerProcess) -> None:
         """Hand `worker` nothing more and tell it to finish up and exit.
@@ -557,6 +583,8 @@ class Arbiter:
             if self.reloading:
                 self.reloading = False
                 log.info("Reload complete: every worker replaced")
+                self.notifier.ready(f"Serving {self.address} with {len(self.slots)} "
+                                    "workers (reloaded)")
             return
         slot = self.replacements[0]
         if slot.worker is None or not slot.worker.ready:
@@ -568,6 +596,7 @@ class Arbiter:
         if self.stopping:
             return
         log.info("Reloading: replacing %d workers one at a time", len(self.slots))
+        self.notifier.reloading()
         self.reloading = True
         for slot in self.slots:
             slot.successor_failures = 0
@@ -670,6 +699,7 @@ class Arbiter:
             self.dispatcher.close_listener()
             if self.settings.mode != "dispatch":
                 self.listener.close()
+            self.notifier.stopping()
             if graceful:
                 log.info("Stopping: finishing requests in progress (up to %g s)",
                          self.settings.graceful_timeout)

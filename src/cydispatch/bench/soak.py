@@ -112,6 +112,10 @@ def soak(minutes: int, out: pathlib.Path, *, workers: int = 2, connections: int 
         reloads = len(server.find(r"Reload complete"))
     finally:
         sampler.done.set()
+        # A sample taken while the server stops would count the listener
+        # already closed: the last one ends before the stop begins.
+        if sampler.is_alive():
+            sampler.join()
         server.stop()
     results = {"minutes": minutes, "slice_seconds": slice_seconds,
                "workers": workers, "connections": connections,
