@@ -130,7 +130,9 @@ def test_ready_reloading_and_stopping_are_notified(start_server, notify):
     # MONOTONIC_USEC is CLOCK_MONOTONIC, which systemd compares with its own.
     assert abs(int(reloading["MONOTONIC_USEC"]) / 1e6 - time.monotonic()) < 30
     notify.wait_for("READY", "1")
-    assert server.find(r"Reload complete")
+    # Sent once the reload completed (the log line comes first; our reader
+    # of the server's stderr may be a moment behind).
+    server.wait_for_log(r"Reload complete")
     server.proc.send_signal(signal.SIGTERM)
     notify.wait_for("STOPPING", "1")
     assert server.proc.wait(30) == 0
