@@ -161,6 +161,8 @@ cdef struct LoadPage:
     uint32_t hand_limit  # --queue-depth, written by the primary: connections
                          # the worker takes off its channel before it has
                          # reached them (0: no limit)
+    uint32_t requests   # requests the worker has answered (wrapping),
+                        # written once a tick and at exit: for --admin
     uint32_t nudge_below  # written by the primary: a worker asked for a
                           # nudge sends it only once its queue is down to
                           # this (0: at once), so that the primary wakes
@@ -737,6 +739,12 @@ cdef class Dispatcher:
             if n == 0:
                 break
         return taken
+
+    def requests(self, int slot):
+        """Requests the worker in `slot` has answered, as of its last tick."""
+        if slot >= self.nslots or self.slots[slot].page == NULL:
+            return 0
+        return atomic_load_u32(&self.slots[slot].page.requests)
 
     def silence(self, int slot):
         """Seconds since the worker in `slot` last reported; 0 for an empty slot.
@@ -1397,6 +1405,10 @@ cdef class WorkerChannel:
         process is closed by the kernel on receipt.
         """
         atomic_store_u32(&self.page.fd_room, room)
+
+    def publish_requests(self, uint64_t count):
+        """The requests answered so far, for the primary to read (once a tick)."""
+        atomic_store_u32(&self.page.requests, <uint32_t>count)
 
     def opened(self):
         """A connection this worker accepted itself (the baseline modes)."""

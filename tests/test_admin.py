@@ -80,6 +80,26 @@ def test_metrics_count_connections_and_workers(start_server):
             (("reason", r),): 0 for r in ("crash", "watchdog", "recycle", "reload")}
 
 
+def test_requests_are_counted_per_worker_across_restarts(start_server):
+    # Published by each worker once a second: wait for the counts to arrive.
+    server = start_server("--admin", "127.0.0.1:0")
+    for _ in range(20):
+        assert get(server.host, server.port).status == 200
+
+    def requests() -> dict:
+        return metrics(server)["cydispatch_worker_requests_total"]
+
+    wait_until(lambda: sum(requests().values()) == 20, message="20 requests counted")
+    assert set(requests()) == {(("worker", "0"),), (("worker", "1"),)}
+    # A reload replaces both workers: the slots' totals carry on from theirs.
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"Reload complete: every worker replaced")
+    wait_until(lambda: len(server.worker_pids()) == 2, message="the old workers to exit")
+    for _ in range(10):
+        assert get(server.host, server.port).status == 200
+    wait_until(lambda: sum(requests().values()) == 30, message="30 requests counted")
+
+
 @pytest.mark.parametrize("mode", ["reuseport", "shared"])
 def test_metrics_in_the_baseline_modes_have_no_primary_counters(start_server, mode):
     server = start_server("--mode", mode, "--admin", "127.0.0.1:0")
@@ -178,11 +198,11 @@ def test_status_shows_every_worker(start_server):
     assert re.match(rf"primary {server.pid} \(dispatch, least-conn\) on .*: serving", lines[0])
     header = next(i for i, line in enumerate(lines) if line.startswith("worker"))
     assert lines[header].split() == ["worker", "pid", "cpu", "state", "conns", "queued",
-                                     "restarts", "rss", "up"]
+                                     "requests", "restarts", "rss", "up"]
     rows = [line.split() for line in lines[header + 1:]]
     assert {int(row[1]) for row in rows} == set(server.started_workers())
-    # "31.2 MB" is two words: the memory is the 8th and 9th.
-    assert all(row[3] == "ready" and row[8] == "MB" for row in rows), rows
+    # "31.2 MB" is two words: the memory is the 9th and 10th.
+    assert all(row[3] == "ready" and row[9] == "MB" for row in rows), rows
     as_json = json.loads(status_command("--admin", admin, "--json").stdout)
     assert {w["pid"] for w in as_json["workers"]} == set(server.started_workers())
 

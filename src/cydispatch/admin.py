@@ -55,7 +55,8 @@ def snapshot_of(arbiter) -> dict:
     dispatcher = arbiter.dispatcher
     now = time.monotonic()
     workers = []
-    for worker in list(arbiter.workers.values()):
+    live = list(arbiter.workers.values())
+    for worker in live:
         slot = worker.slot
         if worker.retiring:
             state = "draining"
@@ -68,6 +69,7 @@ def snapshot_of(arbiter) -> dict:
         workers.append({
             "worker": slot.index, "pid": worker.pid, "cpu": slot.cpu, "state": state,
             "connections": opened, "queued": queued,
+            "requests": dispatcher.requests(worker.channel) if dispatcher else 0,
             "handed": handed if settings.mode == "dispatch" else None,
             "restarts": slot.restarts, "rss_bytes": resident_bytes(worker.pid),
             "uptime_seconds": round(now - worker.started_at, 3),
@@ -88,6 +90,10 @@ def snapshot_of(arbiter) -> dict:
         },
         "restarts": {reason: arbiter.restarts[reason] for reason in RESTART_REASONS},
         "workers": workers,
+        # Per slot, answered by its workers that have exited: with the live
+        # ones' counts, a total that only grows.
+        "requests_done": {str(slot.index): slot.requests_done
+                          for slot in {*list(arbiter.slots), *(w.slot for w in live)}},
     }
 
 
@@ -160,6 +166,17 @@ class PrimaryCollector:
             for label, value in sorted(totals[name].items()):
                 family.add_metric([label], value)
             yield family
+        requests = CounterMetricFamily(
+            "cydispatch_worker_requests",
+            "Requests answered in each worker slot, by its workers past and present "
+            "(published by each worker once a second).", labels=["worker"])
+        answered = {label: float(done) for label, done in view["requests_done"].items()}
+        for worker in view["workers"]:
+            label = str(worker["worker"])
+            answered[label] = answered.get(label, 0) + worker["requests"]
+        for label, value in sorted(answered.items()):
+            requests.add_metric([label], value)
+        yield requests
 
 
 class AdminHandler(http.server.BaseHTTPRequestHandler):

@@ -63,12 +63,13 @@ def table(view: dict) -> str:
                      f"handed again {connections['redispatched']}")
     restarts = ", ".join(f"{reason} {count}" for reason, count in view["restarts"].items())
     lines.append(f"restarts: {restarts}")
-    rows = [("worker", "pid", "cpu", "state", "conns", "queued", "restarts", "rss", "up")]
+    rows = [("worker", "pid", "cpu", "state", "conns", "queued", "requests", "restarts", "rss",
+             "up")]
     for worker in view["workers"]:
         rows.append((str(worker["worker"]), str(worker["pid"]),
                      "-" if worker["cpu"] is None else str(worker["cpu"]), worker["state"],
                      str(worker["connections"]), str(worker["queued"]),
-                     str(worker["restarts"]), megabytes(worker["rss_bytes"]),
+                     str(worker["requests"]), str(worker["restarts"]), megabytes(worker["rss_bytes"]),
                      duration(worker["uptime_seconds"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines.append("")

@@ -80,7 +80,7 @@ class WorkerSlot:
 
     __slots__ = ("index", "cpu", "worker", "successor", "deaths",
                  "boot_failures", "successor_failures", "start_at", "restarts",
-                 "replace_reason")
+                 "replace_reason", "requests_done")
 
     def __init__(self, index: int, cpu: int | None) -> None:
         self.index = index
@@ -93,6 +93,7 @@ class WorkerSlot:
         self.start_at = 0.0         # when to start the next worker (backoff)
         self.restarts = 0           # workers that replaced another here
         self.replace_reason = "reload"  # why its worker is being replaced
+        self.requests_done = 0      # answered by its workers that have exited
 
 
 def describe_exit(status: int) -> str:
@@ -499,6 +500,7 @@ class Arbiter:
 
     def worker_exited(self, worker: WorkerProcess, status: int) -> None:
         del self.channels[worker.channel]
+        worker.slot.requests_done += self.dispatcher.requests(worker.channel)
         orphans = self.dispatcher.detach(worker.channel)
         slot = worker.slot
         if self.stopping or worker.retiring:
