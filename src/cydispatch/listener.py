@@ -25,6 +25,15 @@ def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
     return family, sockaddr
 
 
+def defer_accept(sock: socket.socket) -> None:
+    """Make `sock` accept a connection only once its first bytes have arrived
+    (nginx's "deferred"), and not block: an idle connection is never handed
+    to a worker, so a worker's queue holds only connections with a request
+    to read.  For our own sockets and for one systemd passes."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+    sock.setblocking(False)
+
+
 def format_address(host: str, port: int) -> str:
     """host:port as a URL authority, with IPv6 literals in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -45,14 +54,9 @@ def bind(host: str, port: int, backlog: int, *, reuseport: bool = False,
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
-        # Accept a connection only once its first bytes have arrived (nginx's
-        # "deferred"): an idle connection is never handed to a worker, so a
-        # worker's queue holds only connections with a request to read.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
-                        DEFER_ACCEPT_SECONDS)
         if listen:
             sock.listen(backlog)
-        sock.setblocking(False)
+        defer_accept(sock)
     except OSError as exc:
         sock.close()
         where = format_address(host, port)

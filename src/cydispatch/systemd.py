@@ -11,7 +11,7 @@ import os
 import socket
 import time
 
-from cydispatch.listener import DEFER_ACCEPT_SECONDS, ListenError
+from cydispatch.listener import ListenError, defer_accept
 
 log = logging.getLogger("cydispatch.primary")
 
@@ -43,11 +43,8 @@ def inherited_listener() -> socket.socket | None:
         sock.detach()
         raise ListenError("the socket systemd passed (fd 3) is not a listening TCP socket "
                           "(ListenStream=HOST:PORT in the .socket unit)")
-    # As for a socket of our own (listener.bind): hand over only connections
-    # whose request has started to arrive.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
     sock.set_inheritable(False)
-    sock.setblocking(False)
+    defer_accept(sock)
     return sock
 
 
