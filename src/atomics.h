@@ -20,4 +20,13 @@ static inline uint32_t atomic_add_u32(uint32_t *p, uint32_t v) {
 static inline uint32_t atomic_sub_u32(uint32_t *p, uint32_t v) {
     return __atomic_sub_fetch(p, v, __ATOMIC_SEQ_CST);
 }
+/* The duration histogram's counters (LoadPage.durations): the worker is
+ * their only writer, the primary reads them at a scrape.  Whole 64-bit
+ * loads and stores are all either needs, so no ordering is asked for. */
+static inline uint64_t relaxed_load_u64(uint64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+static inline void relaxed_store_u64(uint64_t *p, uint64_t v) {
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
 #endif

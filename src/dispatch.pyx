@@ -49,7 +49,7 @@ from posix.unistd cimport close, dup, read
 
 from system cimport (
     atomic_add_u32, atomic_exchange_u32, atomic_load_u32, atomic_store_u32,
-    atomic_sub_u32, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_SPACE, EPOLL_CLOEXEC,
+    atomic_sub_u32, relaxed_load_u64, relaxed_store_u64, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_SPACE, EPOLL_CLOEXEC,
     EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, MAP_FAILED,
     MAP_SHARED, MSG_CMSG_CLOEXEC, MSG_CTRUNC, MSG_DONTWAIT, MSG_NOSIGNAL,
     PROT_READ, PROT_WRITE, SCM_RIGHTS, SOCK_CLOEXEC, SOCK_NONBLOCK,
@@ -94,6 +94,17 @@ cdef enum:
     # not behind a slow request: it is taken back if the worker gets stuck.
     CHANNEL_AHEAD_FACTOR = 4
     LOAD_PAGE_SIZE = 4096
+    # Buckets of the request-duration histogram: DURATION_BOUNDS_US, then
+    # one for everything slower.
+    DURATION_BUCKETS = 18
+
+# Upper bounds of the request-duration buckets, in microseconds: from what
+# the built-in app takes (tens of microseconds) to a request of 10 s.
+cdef uint64_t DURATION_BOUNDS_US[DURATION_BUCKETS - 1]
+DURATION_BOUNDS_US[:] = [
+    50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
+    250000, 500000, 1000000, 2500000, 5000000, 10000000]
+DURATION_BOUNDS = tuple(bound / 1e6 for bound in DURATION_BOUNDS_US)
 
 # epoll tags: a channel is tagged with its slot index, these with values no
 # slot index can take.
@@ -167,6 +178,9 @@ cdef struct LoadPage:
                           # nudge sends it only once its queue is down to
                           # this (0: at once), so that the primary wakes
                           # once per batch, not once per connection
+    uint64_t durations[DURATION_BUCKETS]  # requests answered, by how long
+                                          # they took (see observe())
+    uint64_t duration_sum_us  # the sum of those durations
 
 
 cpdef enum WorkerState:     # a worker's state, as it reports it
@@ -211,6 +225,8 @@ if sizeof(HandoffControl) < CMSG_SPACE(MAX_FDS_PER_MESSAGE * sizeof(int)):
     raise ImportError("HandoffControl is smaller than CMSG_SPACE(253 fds)")
 if sizeof(OneFdControl) < CMSG_SPACE(sizeof(int)):
     raise ImportError("OneFdControl is smaller than CMSG_SPACE(1 fd)")
+if sizeof(LoadPage) > LOAD_PAGE_SIZE:
+    raise ImportError("LoadPage does not fit in LOAD_PAGE_SIZE")
 
 
 cdef inline double monotonic() noexcept nogil:
@@ -745,6 +761,16 @@ cdef class Dispatcher:
         if slot >= self.nslots or self.slots[slot].page == NULL:
             return 0
         return atomic_load_u32(&self.slots[slot].page.requests)
+
+    def durations(self, int slot):
+        """(counts per bucket of DURATION_BOUNDS and one above, sum in seconds)
+        of the requests the worker in `slot` has answered."""
+        cdef LoadPage *page
+        if slot >= self.nslots or self.slots[slot].page == NULL:
+            return [0] * DURATION_BUCKETS, 0.0
+        page = self.slots[slot].page
+        return ([relaxed_load_u64(&page.durations[k]) for k in range(DURATION_BUCKETS)],
+                relaxed_load_u64(&page.duration_sum_us) / 1e6)
 
     def silence(self, int slot):
         """Seconds since the worker in `slot` last reported; 0 for an empty slot.
@@ -1409,6 +1435,24 @@ cdef class WorkerChannel:
     def publish_requests(self, uint64_t count):
         """The requests answered so far, for the primary to read (once a tick)."""
         atomic_store_u32(&self.page.requests, <uint32_t>count)
+
+    def observe(self, double seconds):
+        """A request was answered in `seconds`: count it in the duration histogram."""
+        self._observe(<uint64_t>(seconds * 1e6) if seconds > 0 else 0)
+
+    def observe_since_begin(self):
+        """A request was answered within this callback: count the time since begin()."""
+        cdef uint32_t since = atomic_load_u32(&self.page.busy_since)
+        self._observe(<uint32_t>(clock_us() - since) if since else 0)
+
+    cdef void _observe(self, uint64_t micros) noexcept:
+        # Most requests fall in the first few buckets: a scan from the
+        # bottom ends sooner than a binary search would.
+        cdef int k = 0
+        while k < DURATION_BUCKETS - 1 and micros > DURATION_BOUNDS_US[k]:
+            k += 1
+        relaxed_store_u64(&self.page.durations[k], self.page.durations[k] + 1)
+        relaxed_store_u64(&self.page.duration_sum_us, self.page.duration_sum_us + micros)
 
     def opened(self):
         """A connection this worker accepted itself (the baseline modes)."""

@@ -100,6 +100,51 @@ def test_requests_are_counted_per_worker_across_restarts(start_server):
     wait_until(lambda: sum(requests().values()) == 30, message="30 requests counted")
 
 
+def durations(server: Server) -> dict[str, float]:
+    """The request-duration histogram: {"le=0.25": cumulative count, ..., "count", "sum"}."""
+    seen = metrics(server)
+    histogram = {f"le={dict(labels)['le']}": value for labels, value in
+                 seen["cydispatch_request_duration_seconds_bucket"].items()}
+    histogram["count"] = seen["cydispatch_request_duration_seconds_count"][()]
+    histogram["sum"] = seen["cydispatch_request_duration_seconds_sum"][()]
+    return histogram
+
+
+def test_request_durations_are_a_histogram_across_restarts(start_server, tmp_path):
+    # Counted by the workers in their shared pages as each request is answered.
+    server = start_server("--admin", "127.0.0.1:0", "--app-dir", APPS, "edge_asgi:app",
+                          env={"APP_EVENTS": str(tmp_path / "events")})
+    for _ in range(5):
+        assert get(server.host, server.port, "/quick").status == 200
+    for _ in range(2):
+        assert get(server.host, server.port, "/sleep?s=0.3").status == 200
+    seen = wait_until(lambda: (h := durations(server)) and h["count"] == 7 and h,
+                      message="7 requests in the histogram")
+    assert seen["le=+Inf"] == 7
+    # The sleeps took at least 0.3 s each, the others (answered at once) not 0.25.
+    assert seen["le=0.25"] == 5 and seen["le=0.5"] + seen["le=1.0"] >= 5
+    assert 0.6 <= seen["sum"] < 0.6 + 5 * 0.25 + 2 * 0.5
+    buckets = [value for key, value in seen.items() if key.startswith("le=")]
+    assert buckets == sorted(buckets)   # cumulative
+    # Workers that die take nothing with them: their counts stay in the total.
+    for pid in server.started_workers():
+        os.kill(pid, signal.SIGKILL)
+    server.wait_for_log(r"Worker \d+ started", count=4)
+    assert get(server.host, server.port, "/quick").status == 200
+    wait_until(lambda: durations(server)["count"] == 8, message="8 requests counted")
+    assert durations(server)["le=+Inf"] == 8
+
+
+def test_builtin_app_requests_are_timed_too(start_server):
+    server = start_server("--admin", "127.0.0.1:0")
+    for _ in range(6):
+        assert get(server.host, server.port).status == 200
+    seen = wait_until(lambda: (h := durations(server)) and h["count"] == 6 and h,
+                      message="6 requests in the histogram")
+    # The built-in app answers within the callback that read the request.
+    assert seen["le=0.25"] == 6 and seen["sum"] < 6 * 0.25
+
+
 @pytest.mark.parametrize("mode", ["reuseport", "shared"])
 def test_metrics_in_the_baseline_modes_have_no_primary_counters(start_server, mode):
     server = start_server("--mode", mode, "--admin", "127.0.0.1:0")

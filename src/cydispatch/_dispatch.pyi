@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 POLICIES: tuple[str, ...]
+# Upper bounds (seconds) of the request-duration buckets; one more holds the rest.
+DURATION_BOUNDS: tuple[float, ...]
 
 class WorkerState(enum.IntEnum):
     WORKER_STARTING = 0
@@ -47,6 +49,8 @@ class Dispatcher:
         """Seconds since the worker in `slot` last reported (its heartbeat)."""
     def requests(self, slot: int) -> int:
         """Requests the worker in `slot` has answered, as of its last tick."""
+    def durations(self, slot: int) -> tuple[list[int], float]:
+        """(count per bucket of DURATION_BOUNDS and one above, sum of seconds) in `slot`."""
     def load(self, slot: int) -> tuple[int, int, int, int]:
         """(open, queued, in_flight, handed_total) for the worker in `slot`."""
     def lost(self, slot: int) -> int:
@@ -83,6 +87,10 @@ class WorkerChannel:
     def report(self, state: int) -> None: ...
     def heartbeat(self) -> None: ...
     def publish_requests(self, count: int) -> None: ...
+    def observe(self, seconds: float) -> None:
+        """Count a request answered in `seconds` in the duration histogram."""
+    def observe_since_begin(self) -> None:
+        """Count a request answered within this callback: the time since begin()."""
     def opened(self) -> None: ...
     def closed(self) -> None: ...
     def dequeue(self) -> None: ...

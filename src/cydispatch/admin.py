@@ -24,10 +24,13 @@ import threading
 import time
 from typing import Callable
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily)
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import CollectorRegistry
 
+from cydispatch._dispatch import DURATION_BOUNDS
 from cydispatch.listener import bind, format_address
 
 log = logging.getLogger("cydispatch.primary")
@@ -75,6 +78,14 @@ def snapshot_of(arbiter) -> dict:
             "uptime_seconds": round(now - worker.started_at, 3),
         })
     workers.sort(key=lambda w: (w["worker"], w["state"] != "draining"))
+    # Request durations of every worker, past and present: one histogram.
+    durations = list(arbiter.durations_done)
+    duration_seconds = arbiter.duration_seconds_done
+    if dispatcher is not None:
+        for worker in live:
+            counts, seconds = dispatcher.durations(worker.channel)
+            durations = [total + count for total, count in zip(durations, counts)]
+            duration_seconds += seconds
     dispatching = dispatcher is not None and settings.mode == "dispatch"
     return {
         "primary": {
@@ -89,6 +100,8 @@ def snapshot_of(arbiter) -> dict:
             "redispatched": dispatcher.redispatched if dispatching else None,
         },
         "restarts": {reason: arbiter.restarts[reason] for reason in RESTART_REASONS},
+        "request_durations": {"bounds": list(DURATION_BOUNDS), "counts": durations,
+                              "sum_seconds": duration_seconds},
         "workers": workers,
         # Per slot, answered by its workers that have exited: with the live
         # ones' counts, a total that only grows.
@@ -177,6 +190,21 @@ class PrimaryCollector:
         for label, value in sorted(answered.items()):
             requests.add_metric([label], value)
         yield requests
+        yield request_durations(view["request_durations"])
+
+
+def request_durations(durations: dict) -> HistogramMetricFamily:
+    """The workers' duration counts (one per bucket) as a cumulative histogram."""
+    buckets = []
+    below = 0
+    for bound, count in zip([*durations["bounds"], float("inf")], durations["counts"]):
+        below += count
+        buckets.append((floatToGoString(bound), below))
+    return HistogramMetricFamily(
+        "cydispatch_request_duration_seconds",
+        "Time from a request's complete head to its complete response, as the "
+        "worker saw it (the app's time included).",
+        buckets=buckets, sum_value=durations["sum_seconds"])
 
 
 class AdminHandler(http.server.BaseHTTPRequestHandler):

@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 
-from cydispatch._dispatch import Dispatcher, Event
+from cydispatch._dispatch import DURATION_BOUNDS, Dispatcher, Event
 from cydispatch.listener import ListenError, bind, format_address
 from cydispatch.settings import Settings, auto_queue_depth, available_cpus
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
@@ -135,6 +135,10 @@ class Arbiter:
         self.started_at = time.monotonic()
         # Workers replaced, by why (crash, watchdog, recycle, reload): for --admin.
         self.restarts: collections.Counter[str] = collections.Counter()
+        # Request durations (the histogram's buckets, and their sum) of
+        # workers that have exited: with the live ones', a total that only grows.
+        self.durations_done = [0] * len(DURATION_BOUNDS) + [0]
+        self.duration_seconds_done = 0.0
         self.admin = None   # the --admin endpoint's server, when asked for
         self.notifier = Notifier()
         self.announced_ready = False    # READY=1 sent since the start or a reload
@@ -501,6 +505,9 @@ class Arbiter:
     def worker_exited(self, worker: WorkerProcess, status: int) -> None:
         del self.channels[worker.channel]
         worker.slot.requests_done += self.dispatcher.requests(worker.channel)
+        counts, seconds = self.dispatcher.durations(worker.channel)
+        self.durations_done = [done + count for done, count in zip(self.durations_done, counts)]
+        self.duration_seconds_done += seconds
         orphans = self.dispatcher.detach(worker.channel)
         slot = worker.slot
         if self.stopping or worker.retiring:

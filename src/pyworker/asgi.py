@@ -25,7 +25,7 @@ import asyncio
 import collections
 import logging
 import re
-import time
+from time import monotonic
 from urllib.parse import unquote
 
 import httptools
@@ -329,7 +329,7 @@ class RequestCycle:
     async def run(self, app) -> None:
         protocol = self.protocol
         server = protocol.server
-        started = time.monotonic() if protocol.config.access_log else 0.0
+        started = monotonic()
         if protocol.queued_at is not None:
             # The loop has reached this request: it no longer waits behind
             # another.  From here the app's own steps mark the worker busy
@@ -371,8 +371,11 @@ class RequestCycle:
                               self.scope["path"])
                     protocol.close()
         finally:
-            if self.response_complete and protocol.config.access_log:
-                self.log_access(time.monotonic() - started)
+            if self.response_complete:
+                duration = monotonic() - started
+                server.observe(duration)
+                if protocol.config.access_log:
+                    self.log_access(duration)
             protocol.cycle_finished(self)
 
     def answer_error(self, status: int) -> None:

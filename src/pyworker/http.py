@@ -240,7 +240,10 @@ class HttpProtocol(asyncio.Protocol):
             self.server.dequeued(self)
         self.respond(status, body, keep_alive, self.http11, method == b"HEAD")
         self.served += 1
-        self.server.requests += 1
+        server = self.server
+        server.requests += 1
+        # Served within this callback: its time is the time since begin().
+        server.observe_since_begin()
         if not keep_alive:
             self.close()
 

@@ -184,6 +184,8 @@ class Worker:
         self.begin = self.channel.begin
         self.end = self.channel.end
         self.stamped = self.channel.stamped
+        self.observe = self.channel.observe
+        self.observe_since_begin = self.channel.observe_since_begin
         if self.wsgi_app is not None:
             self.wsgi_app.watch_load(self.channel.hold_busy)
         os.close(spec.load_fd)   # mapped; the fd itself is not needed
