@@ -249,7 +249,8 @@ class Settings:
         parse=seconds, check=positive, metavar="SECONDS")
     header_timeout: float = option(
         10.0, "a request's line and headers must arrive within this, counted "
-        "from their first byte, however slowly they trickle in (slowloris)",
+        "from their first byte, however slowly they trickle in (slowloris); "
+        "so must a PROXY header, from the connection's start",
         parse=seconds, check=positive, metavar="SECONDS")
     send_timeout: float = option(
         60.0, "a client that has not read any of its response for this long is "
