@@ -10,6 +10,8 @@ import time
 import urllib.request
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import APPS, Server
 from pyworker.proxy_protocol import ProxyHeader, ProxyHeaderError, parse_header
@@ -267,3 +269,25 @@ def test_parser_waits_for_the_rest_of_a_header(data):
 def test_parser_refuses_what_cannot_be_a_header(data):
     with pytest.raises(ProxyHeaderError):
         parse_header(data)
+
+
+VALID_HEADERS = [v1("203.0.113.7", 1), v1("2001:db8::7", 2, "TCP6"), b"PROXY UNKNOWN\r\n",
+                 v2("203.0.113.8", 3, tlvs=TLVS), v2("2001:db8::8", 4), v2(command=V2_LOCAL)]
+
+
+@pytest.mark.parametrize("header", VALID_HEADERS)
+def test_parser_waits_at_every_split_of_a_valid_header(header):
+    for end in range(len(header)):
+        assert parse_header(header[:end]) is None, header[:end]
+    assert parse_header(header + REQUEST).length == len(header)
+
+
+@given(st.sampled_from(VALID_HEADERS), st.binary(max_size=40), st.integers(0, 120))
+def test_parser_says_more_header_or_error_for_any_bytes(header, noise, at):
+    # A valid header with bytes overwritten somewhere: never another exception.
+    data = header[:at] + noise + header[at + len(noise):]
+    try:
+        result = parse_header(data)
+    except ProxyHeaderError:
+        return
+    assert result is None or 0 < result.length <= len(data)
