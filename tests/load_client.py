@@ -33,12 +33,17 @@ class Outcome:
     sent: float | None      # once the request was fully written; None if never
     pid: int | None = None
     detail: str = ""
+    source: str | None = None   # the address the request came from, when bound
+    body: bytes = b""           # of a 200 response
 
 
 class LoadClient:
     def __init__(self, host: str, port: int, path: str = "/", threads: int = 4,
-                 pause: float = 0.002, timeout: float = 30.0) -> None:
+                 pause: float = 0.002, timeout: float = 30.0,
+                 sources: tuple[str, ...] = ()) -> None:
         self.address = (host, port)
+        # Thread i connects from sources[i % len(sources)]; the kernel picks without.
+        self.sources = sources
         self.request = (f"GET {path} HTTP/1.1\r\nHost: test\r\n"
                         f"Connection: close\r\n\r\n").encode()
         self.pause = pause          # between requests: leave the server CPU
@@ -47,8 +52,8 @@ class LoadClient:
         self.in_flight: dict[int, float] = {}   # thread id -> started
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True)
-                         for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True)
+                         for index in range(threads)]
 
     def __enter__(self) -> LoadClient:
         for thread in self._threads:
@@ -83,13 +88,15 @@ class LoadClient:
             return sum(1 for started in self.in_flight.values()
                        if now - started > for_seconds)
 
-    def _run(self) -> None:
+    def _run(self, index: int) -> None:
         me = threading.get_ident()
+        source = self.sources[index % len(self.sources)] if self.sources else None
         while not self._stop.is_set():
             started = time.monotonic()
             with self._lock:
                 self.in_flight[me] = started
-            outcome = self._one(started)
+            outcome = self._one(started, source)
+            outcome.source = source
             with self._lock:
                 del self.in_flight[me]
                 self.outcomes.append(outcome)
@@ -99,11 +106,13 @@ class LoadClient:
             elif self.pause:
                 self._stop.wait(self.pause)
 
-    def _one(self, started: float) -> Outcome:
+    def _one(self, started: float, source: str | None = None) -> Outcome:
         sent = None
         received = b""
         try:
-            with socket.create_connection(self.address, timeout=self.timeout) as sock:
+            with socket.create_connection(self.address, timeout=self.timeout,
+                                          source_address=(source, 0) if source else None
+                                          ) as sock:
                 sock.sendall(self.request)
                 sent = time.monotonic()
                 while True:
@@ -131,7 +140,8 @@ class LoadClient:
         if not head.startswith(b"HTTP/1.1 200 "):
             return Outcome("error", started, sent, detail=repr(head[:80]))
         match = PID.match(body)
-        return Outcome("ok", started, sent, pid=int(match.group(1)) if match else None)
+        return Outcome("ok", started, sent, pid=int(match.group(1)) if match else None,
+                       body=body)
 
 
 def summary(outcomes: list[Outcome]) -> dict[str, int]:

@@ -249,7 +249,8 @@ class Settings:
         parse=seconds, check=positive, metavar="SECONDS")
     header_timeout: float = option(
         10.0, "a request's line and headers must arrive within this, counted "
-        "from their first byte, however slowly they trickle in (slowloris)",
+        "from their first byte, however slowly they trickle in (slowloris); "
+        "so must a PROXY header, from the connection's start",
         parse=seconds, check=positive, metavar="SECONDS")
     send_timeout: float = option(
         60.0, "a client that has not read any of its response for this long is "
@@ -273,9 +274,13 @@ class Settings:
         True, "apply X-Forwarded-For, -Proto and -Host when the peer is in "
         "--forwarded-allow-ips")
     forwarded_allow_ips: str = option(
-        "127.0.0.1,::1", "peers whose X-Forwarded-* headers are trusted: "
-        "addresses or networks (10.0.0.0/8), comma-separated, or * for all",
-        check=valid_networks, metavar="LIST")
+        "127.0.0.1,::1", "peers trusted as proxies (their X-Forwarded-* headers, "
+        "their PROXY protocol headers): addresses or networks (10.0.0.0/8), "
+        "comma-separated, or * for all", check=valid_networks, metavar="LIST")
+    proxy_protocol: bool = option(
+        False, "every connection starts with a PROXY protocol header (v1 or v2, "
+        "HAProxy's send-proxy) from a peer in --forwarded-allow-ips, naming the "
+        "client; a connection without one, or from another peer, is closed")
     # Limits and logs
     ws_max_size: int = option(
         16 * 1024 * 1024, "largest WebSocket message accepted, in bytes",

@@ -447,6 +447,14 @@ class AsgiProtocol(asyncio.Protocol):
         self.trusted_proxy = self.config.trust.trusts(self.client[0] if self.client else None)
         self.server.connection_opened(self)
 
+    def client_named_by_proxy(self, client: tuple[str, int]) -> None:
+        """A PROXY protocol header named the client (pyworker.proxy_protocol).
+
+        Its X-Forwarded-* headers count only if it is a trusted proxy itself.
+        """
+        self.client = client
+        self.trusted_proxy = self.config.trust.trusts(client[0])
+
     def connection_lost(self, exc) -> None:
         self.closing = True
         for cycle in (self.cycle, self.parsing, *self.pipeline):

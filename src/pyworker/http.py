@@ -134,6 +134,9 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.server.connection_opened(self)
 
+    def client_named_by_proxy(self, client: tuple[str, int]) -> None:
+        """A PROXY protocol header named the client: the built-in app has no use for it."""
+
     def connection_lost(self, exc) -> None:
         self.closing = True
         if self.queued_at is not None:

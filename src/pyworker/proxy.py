@@ -2,7 +2,8 @@
 
 A client that talks to us directly could send any X-Forwarded-For it likes;
 only a peer in --forwarded-allow-ips (by default the loopback addresses, where
-a local proxy runs) may tell us who the client is.
+a local proxy runs) may tell us who the client is, in these headers or in a
+PROXY protocol header (pyworker.proxy_protocol).
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ class ProxyTrust:
         self.enabled = settings.proxy_headers
         self.networks = parse_networks(settings.forwarded_allow_ips)  # None: all
         self.known: dict[str, bool] = {}
+        if self.enabled:
+            # Called once per connection: bound here rather than checking
+            # `enabled` in a call more each time.
+            self.trusts = self.allows
 
     def trusts(self, host: str | None) -> bool:
-        if not self.enabled or host is None:
+        """Whether `host`'s X-Forwarded-* headers are applied (see __init__)."""
+        return False
+
+    def allows(self, host: str | None) -> bool:
+        """Whether `host` is in --forwarded-allow-ips (its PROXY header is accepted)."""
+        if host is None:
             return False
         if self.networks is None:
             return True

@@ -141,6 +141,8 @@ class Worker:
         self.new_connection = self.serve_builtin_app()
         if self.settings.app:
             self.new_connection = self.serve_user_app()
+        if self.settings.proxy_protocol:
+            self.new_connection = self.read_proxy_header_first(self.new_connection)
 
     def listening_address(self) -> tuple[str, int] | None:
         """(address, port) every connection arrives on, or None for a wildcard bind."""
@@ -171,6 +173,17 @@ class Worker:
                             native=interface == "asgi", local=self.listening_address())
         log.debug("Worker %d serves %s (%s)", os.getpid(), self.settings.app, interface)
         return lambda queued_at=None: AsgiProtocol(self, config, queued_at)
+
+    def read_proxy_header_first(self, serve):
+        """A factory of protocols that read a PROXY header, then hand over to `serve`'s.
+
+        Chosen once, here: without --proxy-protocol nothing of it is on the
+        path of a connection.
+        """
+        from pyworker.proxy import ProxyTrust
+        from pyworker.proxy_protocol import ProxyHeaderReader
+        trust = ProxyTrust(self.settings)
+        return lambda queued_at=None: ProxyHeaderReader(self, serve, trust, queued_at)
 
     def run(self) -> int:
         spec = self.spec
@@ -341,6 +354,12 @@ class Worker:
         self.channel.closed()
         if self.draining:
             self.exit_if_done()
+
+    def connection_handed_on(self, protocol) -> None:
+        """`protocol` gave its connection to another, whose connection_made counts it again."""
+        self.connections.discard(protocol)
+        if self.count_on_open:
+            self.channel.closed()
 
     def connection_replaced(self, old, new) -> None:
         """The connection now speaks another protocol (a WebSocket): still one connection."""

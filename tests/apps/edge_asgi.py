@@ -200,6 +200,12 @@ async def app(scope, receive, send):
     if path == "/sleep":
         record(f"sleeping {os.getpid()}")
         await asyncio.sleep(float(query.get("s", "0.1")))
+    if path == "/client":
+        client = scope["client"]
+        await start(send)
+        await send({"type": "http.response.body", "body": b"%s %d" % (
+            client[0].encode(), client[1])})
+        return
     if path == "/pid":
         await start(send)
         await send({"type": "http.response.body", "body": b"%d" % os.getpid()})

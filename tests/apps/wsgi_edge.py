@@ -16,6 +16,9 @@ def app(environ, start_response):
         # Blocks its pool thread, not the event loop.
         record(f"sleeping {os.getpid()}")
         time.sleep(3)
+    if path == "/client":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [f"{environ['REMOTE_ADDR']} {environ['REMOTE_PORT']}".encode()]
     if path == "/pid":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"%d" % os.getpid()]
