@@ -301,7 +301,7 @@ class Worker:
 
         uvloop's connect_accepted_socket is a coroutine that makes the
         transport at once and then waits for connection_made, a turn of the
-        loop later.  It is stepped here by hand, not run as a task: a task
+        loop later (with TLS, once the handshake is done: see open_tls).  It is stepped here by hand, not run as a task: a task
         per connection (its registration in asyncio's set of tasks, one more
         callback) is a cost the reuseport path, accepting in C, never pays.
         """
@@ -355,6 +355,8 @@ class Worker:
             log.debug("TLS handshake failed: %r", exc)
         finally:
             self.handshakes.discard(protocol)
+        # Set by connection_made, which runs before this resumes; a
+        # connection_lost that clears it comes a turn later.
         if protocol.transport is None:
             if protocol.queued_at is not None:
                 self.dequeued(protocol)
