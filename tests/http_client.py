@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from dataclasses import dataclass, field
 
 TIMEOUT = 30.0
@@ -29,8 +30,12 @@ class Response:
 
 
 class Connection:
-    def __init__(self, host: str, port: int, timeout: float = TIMEOUT) -> None:
+    def __init__(self, host: str, port: int, timeout: float = TIMEOUT,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: speak HTTPS, checking the server's certificate for `localhost`."""
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.stream = self.sock.makefile("rb")
 
     def __enter__(self) -> "Connection":

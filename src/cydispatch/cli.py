@@ -237,8 +237,13 @@ def run_status(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from cydispatch.supervisor import Arbiter
 
+    from pyworker import tls
+
     try:
         settings = settings_from(args)
+        # Here, once, before any worker: a bad certificate would otherwise
+        # be a worker that dies at start, again and again.
+        tls.check(settings)
     except ValueError as exc:
         print(f"cydispatch: error: {exc}", file=sys.stderr)
         return USAGE_ERROR

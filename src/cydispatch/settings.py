@@ -25,6 +25,7 @@ POLICIES = ("least-conn", "round-robin")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 INTERFACES = ("auto", "asgi", "wsgi")
 LIFESPAN_MODES = ("auto", "on", "off")
+CERT_REQS = ("none", "optional", "required")
 
 ENV_PREFIX = "CYDISPATCH_"
 # Workers send a heartbeat once a second; a watchdog shorter than two beats
@@ -281,6 +282,24 @@ class Settings:
         False, "every connection starts with a PROXY protocol header (v1 or v2, "
         "HAProxy's send-proxy) from a peer in --forwarded-allow-ips, naming the "
         "client; a connection without one, or from another peer, is closed")
+    # TLS (the files are checked by pyworker.tls at startup, in the primary)
+    ssl_certfile: str = option(
+        "", "serve HTTPS with this PEM certificate (chain); off when not given",
+        metavar="FILE")
+    ssl_keyfile: str = option(
+        "", "its PEM private key (default: in --ssl-certfile)", metavar="FILE")
+    ssl_keyfile_password: str = option(
+        "", "the password of an encrypted --ssl-keyfile; prefer setting "
+        "CYDISPATCH_SSL_KEYFILE_PASSWORD, which other users cannot read in ps",
+        metavar="PASSWORD")
+    ssl_ca_certs: str = option(
+        "", "PEM file of the CAs that client certificates are checked against",
+        metavar="FILE")
+    ssl_cert_reqs: str = option(
+        "none", "client certificates: none (not asked for), optional (checked "
+        "when sent) or required", choices=CERT_REQS)
+    ssl_ciphers: str = option(
+        "", "OpenSSL cipher list for TLS 1.2 (default: Python's)", metavar="LIST")
     # Limits and logs
     ws_max_size: int = option(
         16 * 1024 * 1024, "largest WebSocket message accepted, in bytes",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from cydispatch.settings import Settings
 
@@ -18,6 +19,9 @@ WORKER_BOOT_ERROR = 3
 # primary when that happens before any worker served: it stops at once
 # instead of starting worker after worker that would fail the same way.
 APP_LOAD_ERROR = 4
+# The TLS key's password reaches a worker in its environment, which only its
+# user can read, not on its command line, which `ps` shows everyone.
+KEY_PASSWORD_ENV = "CYDISPATCH_SSL_KEYFILE_PASSWORD"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +35,19 @@ class WorkerSpec:
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
-        fields["settings"] = dataclasses.asdict(self.settings)
+        fields["settings"] = dataclasses.asdict(self.settings.replace(ssl_keyfile_password=""))
         return json.dumps(fields)
+
+    def environment(self, inherited: dict[str, str]) -> dict[str, str]:
+        """The worker's environment: `inherited`, and what must not be in to_json."""
+        if not self.settings.ssl_keyfile_password:
+            return inherited
+        return {**inherited, KEY_PASSWORD_ENV: self.settings.ssl_keyfile_password}
 
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:
         fields = json.loads(text)
+        # Out of the environment too: the app, and what it starts, need not see it.
+        fields["settings"]["ssl_keyfile_password"] = os.environ.pop(KEY_PASSWORD_ENV, "")
         fields["settings"] = Settings(**fields["settings"])
         return cls(**fields)

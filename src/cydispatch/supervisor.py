@@ -153,6 +153,7 @@ class Arbiter:
         every worker then uses.
         """
         settings = self.settings
+        scheme = "https://" if settings.ssl_certfile else "http://"
         inherited = inherited_listener()
         if inherited is not None:
             if settings.mode == "reuseport":
@@ -160,7 +161,7 @@ class Arbiter:
                                   "--mode dispatch or shared, not reuseport")
             self.listener = inherited
             host, port = inherited.getsockname()[:2]
-            self.address = "http://" + format_address(host, port)
+            self.address = scheme + format_address(host, port)
             self.settings = settings.replace(host=host, port=port)
             log.info("Serving the socket systemd passed (%s)", self.address)
             return
@@ -173,7 +174,7 @@ class Arbiter:
             self.listener = bind(settings.host, settings.port, settings.backlog)
         port = self.listener.getsockname()[1]
         self.settings = settings.replace(port=port)
-        self.address = "http://" + format_address(settings.host, port)
+        self.address = scheme + format_address(settings.host, port)
 
     def install_signals(self) -> None:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -432,7 +433,7 @@ class Arbiter:
                 pid = os.posix_spawn(
                     sys.executable,
                     [sys.executable, "-m", "pyworker.worker", spec.to_json()],
-                    os.environ)
+                    spec.environment(os.environ))
             except OSError:
                 self.dispatcher.detach(channel)
                 raise

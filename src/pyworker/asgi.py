@@ -110,6 +110,8 @@ class AsgiConfig:
         self.trust = trust
         self.state = state
         self.access_log = settings.access_log
+        # What the client spoke to us; a trusted proxy's X-Forwarded-Proto may say otherwise.
+        self.scheme = "https" if settings.ssl_certfile else "http"
         # An ASGI app of the user's (not a WSGI one in its adapter): it gets
         # WebSockets, and its steps stamp the worker busy (WorkerChannel.stamped).
         self.native = native
@@ -560,7 +562,7 @@ class AsgiProtocol(asyncio.Protocol):
             path = unquote(path)
         method = parser.get_method()
         headers = self.headers
-        client, scheme = self.client, "http"
+        client, scheme = self.client, config.scheme
         host = None
         noted = self.noted
         if noted & NOTED_FORWARDED and self.trusted_proxy:

@@ -38,6 +38,7 @@ from pyworker.app import HelloApp
 from pyworker.http import HttpProtocol, Responses
 from pyworker.lifespan import Lifespan, LifespanFailed
 from pyworker.loader import AppLoadError, load_app
+from pyworker.tls import TlsError, server_context
 
 log = logging.getLogger("cydispatch.worker")
 
@@ -138,6 +139,9 @@ class Worker:
         self.server: asyncio.AbstractServer | None = None
         self.lifespan: Lifespan | None = None
         self.wsgi_app = None
+        self.ssl_context = server_context(self.settings) if self.settings.ssl_certfile else None
+        # Handed connections whose TLS handshake is under way (see open_tls).
+        self.handshakes: set = set()
         self.new_connection = self.serve_builtin_app()
         if self.settings.app:
             self.new_connection = self.serve_user_app()
@@ -204,6 +208,10 @@ class Worker:
         os.close(spec.load_fd)   # mapped; the fd itself is not needed
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
+        # Decided once: a plain connection pays for no TLS check.
+        self.open_handed = loop.connect_accepted_socket
+        if self.ssl_context is not None:
+            self.open_handed = self.open_tls
         # Ctrl-C reaches the whole process group; the primary leads the stop.
         for signum in PRIMARY_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
@@ -217,7 +225,8 @@ class Worker:
         if self.settings.mode != "dispatch":
             self.server = loop.run_until_complete(loop.create_server(
                 self.new_connection, sock=self.open_listener(),
-                backlog=self.settings.backlog))
+                backlog=self.settings.backlog, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout()))
         # What the app opened at startup is counted in; the primary hands
         # no more than this, since the kernel closes what does not fit.
         self.channel.set_fd_room(descriptor_room())
@@ -307,13 +316,12 @@ class Worker:
 
         uvloop's connect_accepted_socket is a coroutine that makes the
         transport at once and then waits for connection_made, a turn of the
-        loop later.  It is stepped here by hand, not run as a task: a task
+        loop later (with TLS, once the handshake is done: see open_tls).  It is stepped here by hand, not run as a task: a task
         per connection (its registration in asyncio's set of tasks, one more
         callback) is a cost the reuseport path, accepting in C, never pays.
         """
         protocol = self.new_connection(self.ticks)
-        opening = self.loop.connect_accepted_socket(
-            lambda: protocol, HandedConnection(fd, self.family))
+        opening = self.open_handed(lambda: protocol, HandedConnection(fd, self.family))
         try:
             waiter = opening.send(None)
         except StopIteration:
@@ -332,6 +340,43 @@ class Worker:
             pass
         except Exception as exc:
             self.adopt_failed(fd, protocol, exc)
+
+    def handshake_timeout(self) -> float | None:
+        """A TLS handshake that has not ended by then is aborted; None without TLS."""
+        if self.ssl_context is None:
+            return None
+        # The handshake and the request's head share --header-timeout: the
+        # protocol's clock for the head starts when it is made, before the
+        # handshake, so this is a backstop for a client that never finishes.
+        return self.settings.header_timeout
+
+    async def open_tls(self, protocol_factory, handed: HandedConnection) -> None:
+        """connect_accepted_socket with TLS, stepped by adopt() like the plain one.
+
+        It suspends until the handshake ends, up to handshake_timeout().
+        The channel counted the connection when it arrived, but a handshake
+        that fails (plain HTTP, a rejected client certificate), times out or
+        is abandoned never reaches the protocol: no connection_made, so no
+        connection_lost to uncount it.  It is uncounted here; uvloop has
+        closed its fd.
+        """
+        protocol = protocol_factory()
+        self.handshakes.add(protocol)
+        try:
+            await self.loop.connect_accepted_socket(
+                protocol_factory, handed, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout())
+        except OSError as exc:  # ssl.SSLError, a reset, the timeout's ConnectionAbortedError
+            log.debug("TLS handshake failed: %r", exc)
+        finally:
+            self.handshakes.discard(protocol)
+        # Set by connection_made, which runs before this resumes; a
+        # connection_lost that clears it comes a turn later.
+        if protocol.transport is None:
+            if protocol.queued_at is not None:
+                self.dequeued(protocol)
+            self.channel.closed()
+            self.exit_if_done()
 
     def adopt_failed(self, fd: int, protocol, exc: Exception) -> None:
         if protocol.transport is None:
@@ -393,7 +438,8 @@ class Worker:
         self.report(WorkerState.WORKER_DRAINING)
         if self.server is not None:
             self.server.close()
-        for protocol in list(self.connections):
+        # A handshake still under way: its first request is its last.
+        for protocol in (*self.connections, *self.handshakes):
             protocol.shutdown()
         self.exit_if_done()
 
@@ -423,7 +469,8 @@ class Worker:
         # for its client (its request is slow to come) or is a slow request
         # the primary already sees as one: it must not hold a place in the
         # queue the primary measures.
-        for protocol in list(self.connections):
+        # A TLS handshake that slow holds no place either.
+        for protocol in (*self.connections, *self.handshakes):
             if protocol.queued_at is not None and protocol.queued_at < self.ticks - 1:
                 self.dequeued(protocol)
         # The clock has a resolution of one tick: allow one more so that no
@@ -461,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     except LifespanFailed as exc:
         log.error("Worker %d cannot start: %s", os.getpid(), exc)
         return WORKER_BOOT_ERROR
-    except ListenError as exc:
+    except (ListenError, TlsError) as exc:
         log.error("Worker %d cannot start: %s", os.getpid(), exc)
         return WORKER_BOOT_ERROR
     except Exception:

@@ -210,6 +210,10 @@ async def app(scope, receive, send):
         await start(send)
         await send({"type": "http.response.body", "body": b"%d" % os.getpid()})
         return
+    if path == "/scheme":
+        await start(send)
+        await send({"type": "http.response.body", "body": scope["scheme"].encode()})
+        return
     await start(send)
     await send({"type": "http.response.body", "body": path.encode()})
 

@@ -22,6 +22,9 @@ def app(environ, start_response):
     if path == "/pid":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"%d" % os.getpid()]
+    if path == "/scheme":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["wsgi.url_scheme"].encode()]
     if path == "/endless":
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return endless()

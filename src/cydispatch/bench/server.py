@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-RUNNING = re.compile(r"Primary (\d+) is running \((.*), (\d+) workers, http://(.+)\)")
+RUNNING = re.compile(r"Primary (\d+) is running \((.*), (\d+) workers, (https?)://(.+)\)")
 STARTED = re.compile(r"Worker (\d+) started (?:on CPU (\d+)|\(not pinned\))")
 BARE_READY = re.compile(r"bare server ready http://(.+) \((\d+) workers\)")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -40,6 +40,7 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.pid: int | None = None     # the primary (or bare parent) process
+        self.scheme = "http"
         self.host = ""
         self.port = 0
 
@@ -56,7 +57,7 @@ class ServerProcess:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{self.scheme}://{host}:{self.port}/"
 
     def find(self, pattern: str | re.Pattern) -> list[re.Match]:
         with self._lock:
@@ -144,7 +145,8 @@ class CydispatchServer(ServerProcess):
     def wait_ready(self, timeout: float = 30.0) -> CydispatchServer:
         running = self.wait_for_log(RUNNING, timeout=timeout)[0]
         self.pid = int(running.group(1))
-        self._take_address(running.group(4))
+        self.scheme = running.group(4)
+        self._take_address(running.group(5))
         self.wait_for_log(STARTED, count=self.workers, timeout=timeout)
         return self
 
