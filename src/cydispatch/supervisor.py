@@ -62,7 +62,7 @@ class WorkerProcess:
     """One live worker process and what the primary knows of it."""
 
     __slots__ = ("pid", "channel", "slot", "ready", "started_at", "retiring",
-                 "kill_at", "exit_by")
+                 "kill_at", "exit_by", "killed")
 
     def __init__(self, pid: int, channel: int, slot: WorkerSlot) -> None:
         self.pid = pid
@@ -73,6 +73,7 @@ class WorkerProcess:
         self.retiring = False       # told to finish and exit; replaced already
         self.kill_at = 0.0          # watchdog: SIGKILL then, if still alive
         self.exit_by = 0.0          # retiring: SIGKILL then, if still alive
+        self.killed = False         # SIGKILL sent: only its exit is left to see
 
 
 class WorkerSlot:
@@ -637,6 +638,10 @@ class Arbiter:
         timeout = self.settings.timeout
         now = time.monotonic()
         for worker in list(self.workers.values()):
+            if worker.killed:
+                # The loop may turn again before SIGCHLD comes (a message
+                # socket's hang-up wakes it first): judged once is enough.
+                continue
             if worker.exit_by and now >= worker.exit_by and not self.stopping:
                 log.warning("Worker %d did not exit within --graceful-timeout "
                             "%g s; killing it", worker.pid,
@@ -669,6 +674,8 @@ class Arbiter:
                 self.slot_lost_worker(slot, worker)
 
     def signal_worker(self, worker: WorkerProcess, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            worker.killed = True
         try:
             os.kill(worker.pid, signum)
         except ProcessLookupError:
