@@ -89,6 +89,8 @@ def snapshot_of(arbiter) -> dict:
             "redispatched": dispatcher.redispatched if dispatching else None,
         },
         "restarts": {reason: arbiter.restarts[reason] for reason in RESTART_REASONS},
+        "messages": {"broadcast": arbiter.router.broadcast_total,
+                     "dropped": arbiter.router.dropped_total},
         "workers": workers,
         # Per slot, answered by its workers that have exited: with the live
         # ones' counts, a total that only grows.
@@ -177,6 +179,15 @@ class PrimaryCollector:
         for label, value in sorted(answered.items()):
             requests.add_metric([label], value)
         yield requests
+        yield CounterMetricFamily(
+            "cydispatch_messages_broadcast",
+            "Messages workers broadcast (cydispatch.cluster), as the primary received them.",
+            value=view["messages"]["broadcast"])
+        yield CounterMetricFamily(
+            "cydispatch_messages_dropped",
+            "Deliveries of broadcast messages dropped because a worker's outbox in the "
+            "primary was full (the worker was stopped or too slow to read them).",
+            value=view["messages"]["dropped"])
 
 
 class AdminHandler(http.server.BaseHTTPRequestHandler):

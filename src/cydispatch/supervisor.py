@@ -30,6 +30,7 @@ import time
 
 from cydispatch._dispatch import Dispatcher, Event
 from cydispatch.listener import ListenError, bind, format_address
+from cydispatch.messages import MessageRouter
 from cydispatch.settings import Settings, auto_queue_depth, available_cpus
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
 from cydispatch.systemd import Notifier, inherited_listener
@@ -137,6 +138,8 @@ class Arbiter:
         # Workers replaced, by why (crash, watchdog, recycle, reload): for --admin.
         self.restarts: collections.Counter[str] = collections.Counter()
         self.admin = None   # the --admin endpoint's server, when asked for
+        # Messages between workers (cydispatch.cluster), through the primary.
+        self.router = MessageRouter()
         self.notifier = Notifier()
         self.announced_ready = False    # READY=1 sent since the start or a reload
 
@@ -240,6 +243,7 @@ class Arbiter:
                                                           len(self.cpus))
         self.dispatcher = Dispatcher(listen_fd, self.wake_r, settings.policy,
                                      settings.max_conns, depth)
+        self.dispatcher.watch_python(self.router.fileno())
         self.yield_to_workers()
         how = settings.mode
         if settings.mode == "dispatch":
@@ -262,6 +266,7 @@ class Arbiter:
         finally:
             self.kill_all()
             signal.set_wakeup_fd(-1)
+            self.router.close_all()
             if self.admin is not None:
                 self.admin.close()
         dispatcher = self.dispatcher
@@ -298,6 +303,9 @@ class Arbiter:
             return
         if event in (Event.EVENT_ACCEPT_PAUSED, Event.EVENT_ACCEPT_RESUMED):
             self.handle_accept_event(event, channel)
+            return
+        if event == Event.EVENT_PYTHON_FD:
+            self.router.pump()
             return
         worker = self.channels.get(channel)
         if worker is None:
@@ -403,11 +411,14 @@ class Arbiter:
                                                     socket.SOCK_SEQPACKET)
         load_fd = os.memfd_create(f"cydispatch-load-{slot.index}",
                                   os.MFD_CLOEXEC)
+        worker_messages = None
         try:
+            worker_messages = self.router.open(channel, slot.index)
             os.ftruncate(load_fd, LOAD_PAGE_SIZE)
             listen_fd = self.listener.fileno() if settings.mode == "shared" else -1
             spec = WorkerSpec(settings, slot.index, slot.cpu,
-                              worker_end.fileno(), load_fd, listen_fd)
+                              worker_end.fileno(), load_fd, listen_fd,
+                              worker_messages.fileno())
             channel_fd = primary_end.detach()
             # The worker's end too: what the worker never receives is taken
             # back from it (see src/dispatch.pyx).
@@ -420,7 +431,7 @@ class Arbiter:
                     os.close(peer_fd)
                 raise
             # Everything is close-on-exec; these few are for this child only.
-            inherited = [worker_end.fileno(), load_fd]
+            inherited = [worker_end.fileno(), load_fd, worker_messages.fileno()]
             if listen_fd >= 0:
                 inherited.append(listen_fd)
             for fd in inherited:
@@ -436,8 +447,13 @@ class Arbiter:
             finally:
                 for fd in inherited:
                     os.set_inheritable(fd, False)
+        except BaseException:
+            self.router.close(channel)  # no worker holds its other end
+            raise
         finally:
             worker_end.close()
+            if worker_messages is not None:
+                worker_messages.close()
             os.close(load_fd)
         worker = WorkerProcess(pid, channel, slot)
         self.workers[pid] = worker
@@ -501,6 +517,7 @@ class Arbiter:
 
     def worker_exited(self, worker: WorkerProcess, status: int) -> None:
         del self.channels[worker.channel]
+        self.router.close(worker.channel)
         worker.slot.requests_done += self.dispatcher.requests(worker.channel)
         orphans = self.dispatcher.detach(worker.channel)
         slot = worker.slot
