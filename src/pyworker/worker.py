@@ -3,9 +3,9 @@
 The primary starts it as `python -m pyworker.worker SPEC` (SPEC is JSON, see
 WorkerSpec) with its end of the channel, its load page, its message socket
 (cydispatch.cluster) and, in shared mode, the listening socket as inherited
-fds.  In dispatch mode connections arrive
-over the channel; in the baseline modes the worker accepts them itself.  The
-HTTP layer and the app are the same in all three.
+fds.  In dispatch mode connections arrive over the channel; in the baseline
+modes the worker accepts them itself.  The HTTP layer and the app are the
+same in all three.
 
 Once a tick it sends the primary a heartbeat over the channel (the watchdog
 kills a worker that goes silent) and, past --max-requests, asks to be
