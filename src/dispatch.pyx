@@ -110,6 +110,7 @@ DURATION_BOUNDS = tuple(bound / 1e6 for bound in DURATION_BOUNDS_US)
 # slot index can take.
 cdef uint64_t TAG_LISTENER = 1ULL << 40
 cdef uint64_t TAG_WAKE = 2ULL << 40
+cdef uint64_t TAG_PYTHON = 3ULL << 40
 
 # How long accepting pauses when the process is out of descriptors: long
 # enough not to spin, short enough that service resumes as soon as
@@ -197,6 +198,7 @@ cpdef enum Event:           # what run() returns: (event, slot, errno or signal)
     EVENT_WORKER_FULL = 32      # the worker holds all it has descriptors for
     EVENT_RECYCLE = 64          # the worker asks to be replaced; it still serves
     EVENT_SIGNAL = 128          # a signal arrived (one event per delivery)
+    EVENT_PYTHON_FD = 256       # the fd given to watch_python is readable
 
 POLICIES = ("least-conn", "round-robin")
 cdef enum Policy:
@@ -528,6 +530,8 @@ cdef class Dispatcher:
         int epfd
         int listen_fd
         int wake_fd
+        int python_fd           # watched for Python (watch_python), -1: none
+        bint python_fd_ready
         Policy policy
         uint32_t max_conns
         uint32_t queue_depth
@@ -565,6 +569,7 @@ cdef class Dispatcher:
         self.epfd = -1
         self.listen_fd = -1
         self.wake_fd = -1
+        self.python_fd = -1
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
         if max_conns < 1:
@@ -829,6 +834,18 @@ cdef class Dispatcher:
     def listening(self):
         return self.listen_fd >= 0
 
+    def watch_python(self, int fd):
+        """Return EVENT_PYTHON_FD from run() while `fd` is readable (level-triggered).
+
+        For work Python does on its own fds (messages between workers): one
+        fd, an epoll of Python's own when it has several, so that the loop
+        never reads or writes them itself.  Python still owns and closes it.
+        """
+        if self.python_fd >= 0:
+            raise ValueError("the dispatcher watches one fd for Python already")
+        self._watch(fd, TAG_PYTHON, EPOLLIN)
+        self.python_fd = fd
+
     # The loop.
 
     def run(self, double timeout):
@@ -837,8 +854,8 @@ cdef class Dispatcher:
         Returns a list of (EVENT_*, arg) pairs: the slot for worker events,
         the errno for ACCEPT events, the signal number for EVENT_SIGNAL (one
         per delivery: the wake-up fd carries a byte for each, where Python
-        runs a handler once for several).  An empty list means the time ran
-        out.
+        runs a handler once for several), the fd for EVENT_PYTHON_FD.  An
+        empty list means the time ran out.
         """
         cdef epoll_event events[MAX_EPOLL_EVENTS]
         cdef double deadline = monotonic() + timeout
@@ -886,6 +903,9 @@ cdef class Dispatcher:
                     listener_ready = True
                 elif tag == TAG_WAKE:
                     self._drain_wake_fd()
+                elif tag == TAG_PYTHON:
+                    self.python_fd_ready = True
+                    self.has_events = True
                 else:
                     self._read_reports(<int>tag)
             if listener_ready and self.listen_fd >= 0:
@@ -1355,6 +1375,9 @@ cdef class Dispatcher:
             if self.accept_events & bit:
                 events.append((bit, self.pause_errno))
         self.accept_events = 0
+        if self.python_fd_ready:
+            events.append((EVENT_PYTHON_FD, self.python_fd))
+            self.python_fd_ready = False
         for i in range(self.signal_count):
             events.append((EVENT_SIGNAL, self.signals[i]))
         self.signal_count = 0

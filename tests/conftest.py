@@ -56,15 +56,22 @@ def start_server():
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def dispatch_server():
-    """One dispatch-mode server shared by a module's HTTP tests."""
-    server = Server(workers=2)
+@contextlib.contextmanager
+def serving(*args: str, workers: int = 2, **kwargs):
+    """A ready Server for a `with` block (module fixtures), stopped at its end."""
+    server = Server(*args, workers=workers, **kwargs)
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def dispatch_server():
+    """One dispatch-mode server shared by a module's HTTP tests."""
+    with serving() as server:
+        yield server
 
 
 APPS = str(Path(__file__).parent / "apps")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from http_client import Connection
-from conftest import app_server
+from conftest import app_server, serving
 from waiting import wait_until
 
 APPS = str(Path(__file__).parent / "apps")
@@ -33,13 +33,8 @@ def edge(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fastapi_server():
-    from conftest import Server
-    server = Server("--app-dir", APPS, "fastapi_app:app", workers=2)
-    try:
-        server.wait_ready()
+    with serving("--app-dir", APPS, "fastapi_app:app") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def connect(server) -> Connection:

@@ -329,9 +329,10 @@ def test_max_requests_replaces_workers_without_failing_a_request(start_server, m
 # The primary out of descriptors when it starts a worker
 
 def test_a_worker_that_cannot_be_started_is_retried_and_service_goes_on(start_server):
-    # 16 descriptors: the primary's own, plus two per worker (both ends of
-    # its channel), plus three while it starts one; a worker needs about 15.
-    server = start_server(workers=1, wrapper=("prlimit", "--nofile=16:16"))
+    # 18 descriptors: the primary's own, plus three per worker (both ends of
+    # its channel, its message socket), plus three while it starts one; a
+    # worker needs about 16.
+    server = start_server(workers=1, wrapper=("prlimit", "--nofile=18:18"))
     cannot = r"Cannot start a worker: Too many open files; trying again in [\d.]+ s"
     for added in range(2, 12):
         server.proc.send_signal(signal.SIGTTIN)

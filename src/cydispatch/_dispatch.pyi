@@ -24,6 +24,7 @@ class Event(enum.IntEnum):
     EVENT_WORKER_FULL = 32
     EVENT_RECYCLE = 64
     EVENT_SIGNAL = 128
+    EVENT_PYTHON_FD = 256
 
 def send_fds(channel: int, fds: list[int], batch: int = 253) -> int:
     """Hand fds over a channel in messages of at most `batch`; the message count."""
@@ -55,6 +56,8 @@ class Dispatcher:
         """(open, queued, in_flight, handed_total) for the worker in `slot`."""
     def lost(self, slot: int) -> int:
         """Connections the worker could not install (out of descriptors) since last asked."""
+    def watch_python(self, fd: int) -> None:
+        """run() returns (EVENT_PYTHON_FD, fd) while `fd` is readable; one fd, Python's."""
     def run(self, timeout: float) -> list[tuple[int, int]]:
         """Serve until Python has work: [(Event, slot or errno or signal), ...]."""
     @property

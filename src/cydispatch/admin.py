@@ -102,6 +102,8 @@ def snapshot_of(arbiter) -> dict:
         "restarts": {reason: arbiter.restarts[reason] for reason in RESTART_REASONS},
         "request_durations": {"bounds": list(DURATION_BOUNDS), "counts": durations,
                               "sum_seconds": duration_seconds},
+        "messages": {"broadcast": arbiter.router.broadcast_total,
+                     "dropped": arbiter.router.dropped_total},
         "workers": workers,
         # Per slot, answered by its workers that have exited: with the live
         # ones' counts, a total that only grows.
@@ -191,6 +193,15 @@ class PrimaryCollector:
             requests.add_metric([label], value)
         yield requests
         yield request_durations(view["request_durations"])
+        yield CounterMetricFamily(
+            "cydispatch_messages_broadcast",
+            "Messages workers broadcast (cydispatch.cluster), as the primary received them.",
+            value=view["messages"]["broadcast"])
+        yield CounterMetricFamily(
+            "cydispatch_messages_dropped",
+            "Deliveries of broadcast messages dropped because a worker's outbox in the "
+            "primary was full (the worker was stopped or too slow to read them).",
+            value=view["messages"]["dropped"])
 
 
 def request_durations(durations: dict) -> HistogramMetricFamily:

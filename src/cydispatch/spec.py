@@ -32,6 +32,7 @@ class WorkerSpec:
     channel_fd: int
     load_fd: int
     listen_fd: int = -1     # shared mode only
+    messages_fd: int = -1   # the worker's end of its message socket (cluster)
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)

@@ -30,6 +30,7 @@ import time
 
 from cydispatch._dispatch import DURATION_BOUNDS, Dispatcher, Event
 from cydispatch.listener import ListenError, bind, format_address
+from cydispatch.messages import MessageRouter
 from cydispatch.settings import Settings, auto_queue_depth, available_cpus
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
 from cydispatch.systemd import Notifier, inherited_listener
@@ -62,7 +63,7 @@ class WorkerProcess:
     """One live worker process and what the primary knows of it."""
 
     __slots__ = ("pid", "channel", "slot", "ready", "started_at", "retiring",
-                 "kill_at", "exit_by")
+                 "kill_at", "exit_by", "killed")
 
     def __init__(self, pid: int, channel: int, slot: WorkerSlot) -> None:
         self.pid = pid
@@ -73,6 +74,7 @@ class WorkerProcess:
         self.retiring = False       # told to finish and exit; replaced already
         self.kill_at = 0.0          # watchdog: SIGKILL then, if still alive
         self.exit_by = 0.0          # retiring: SIGKILL then, if still alive
+        self.killed = False         # SIGKILL sent: only its exit is left to see
 
 
 class WorkerSlot:
@@ -140,6 +142,8 @@ class Arbiter:
         self.durations_done = [0] * len(DURATION_BOUNDS) + [0]
         self.duration_seconds_done = 0.0
         self.admin = None   # the --admin endpoint's server, when asked for
+        # Messages between workers (cydispatch.cluster), through the primary.
+        self.router = MessageRouter()
         self.notifier = Notifier()
         self.announced_ready = False    # READY=1 sent since the start or a reload
 
@@ -244,6 +248,7 @@ class Arbiter:
                                                           len(self.cpus))
         self.dispatcher = Dispatcher(listen_fd, self.wake_r, settings.policy,
                                      settings.max_conns, depth)
+        self.dispatcher.watch_python(self.router.fileno())
         self.yield_to_workers()
         how = settings.mode
         if settings.mode == "dispatch":
@@ -266,6 +271,7 @@ class Arbiter:
         finally:
             self.kill_all()
             signal.set_wakeup_fd(-1)
+            self.router.close_all()
             if self.admin is not None:
                 self.admin.close()
         dispatcher = self.dispatcher
@@ -302,6 +308,9 @@ class Arbiter:
             return
         if event in (Event.EVENT_ACCEPT_PAUSED, Event.EVENT_ACCEPT_RESUMED):
             self.handle_accept_event(event, channel)
+            return
+        if event == Event.EVENT_PYTHON_FD:
+            self.router.pump()
             return
         worker = self.channels.get(channel)
         if worker is None:
@@ -407,11 +416,14 @@ class Arbiter:
                                                     socket.SOCK_SEQPACKET)
         load_fd = os.memfd_create(f"cydispatch-load-{slot.index}",
                                   os.MFD_CLOEXEC)
+        worker_messages = None
         try:
+            worker_messages = self.router.open(channel, slot.index)
             os.ftruncate(load_fd, LOAD_PAGE_SIZE)
             listen_fd = self.listener.fileno() if settings.mode == "shared" else -1
             spec = WorkerSpec(settings, slot.index, slot.cpu,
-                              worker_end.fileno(), load_fd, listen_fd)
+                              worker_end.fileno(), load_fd, listen_fd,
+                              worker_messages.fileno())
             channel_fd = primary_end.detach()
             # The worker's end too: what the worker never receives is taken
             # back from it (see src/dispatch.pyx).
@@ -424,7 +436,7 @@ class Arbiter:
                     os.close(peer_fd)
                 raise
             # Everything is close-on-exec; these few are for this child only.
-            inherited = [worker_end.fileno(), load_fd]
+            inherited = [worker_end.fileno(), load_fd, worker_messages.fileno()]
             if listen_fd >= 0:
                 inherited.append(listen_fd)
             for fd in inherited:
@@ -440,8 +452,13 @@ class Arbiter:
             finally:
                 for fd in inherited:
                     os.set_inheritable(fd, False)
+        except BaseException:
+            self.router.close(channel)  # no worker holds its other end
+            raise
         finally:
             worker_end.close()
+            if worker_messages is not None:
+                worker_messages.close()
             os.close(load_fd)
         worker = WorkerProcess(pid, channel, slot)
         self.workers[pid] = worker
@@ -505,6 +522,7 @@ class Arbiter:
 
     def worker_exited(self, worker: WorkerProcess, status: int) -> None:
         del self.channels[worker.channel]
+        self.router.close(worker.channel)
         worker.slot.requests_done += self.dispatcher.requests(worker.channel)
         counts, seconds = self.dispatcher.durations(worker.channel)
         self.durations_done = [done + count for done, count in zip(self.durations_done, counts)]
@@ -645,6 +663,10 @@ class Arbiter:
         timeout = self.settings.timeout
         now = time.monotonic()
         for worker in list(self.workers.values()):
+            if worker.killed:
+                # The loop may turn again before SIGCHLD comes (a message
+                # socket's hang-up wakes it first): judged once is enough.
+                continue
             if worker.exit_by and now >= worker.exit_by and not self.stopping:
                 log.warning("Worker %d did not exit within --graceful-timeout "
                             "%g s; killing it", worker.pid,
@@ -677,6 +699,8 @@ class Arbiter:
                 self.slot_lost_worker(slot, worker)
 
     def signal_worker(self, worker: WorkerProcess, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            worker.killed = True
         try:
             os.kill(worker.pid, signum)
         except ProcessLookupError:

@@ -1,10 +1,11 @@
 """A worker process: pinned to one CPU, serving HTTP on uvloop and httptools.
 
 The primary starts it as `python -m pyworker.worker SPEC` (SPEC is JSON, see
-WorkerSpec) with its end of the channel, its load page and, in shared mode,
-the listening socket as inherited fds.  In dispatch mode connections arrive
-over the channel; in the baseline modes the worker accepts them itself.  The
-HTTP layer and the app are the same in all three.
+WorkerSpec) with its end of the channel, its load page, its message socket
+(cydispatch.cluster) and, in shared mode, the listening socket as inherited
+fds.  In dispatch mode connections arrive over the channel; in the baseline
+modes the worker accepts them itself.  The HTTP layer and the app are the
+same in all three.
 
 Once a tick it sends the primary a heartbeat over the channel (the watchdog
 kills a worker that goes silent) and, past --max-requests, asks to be
@@ -30,7 +31,7 @@ import time
 
 import uvloop
 
-from cydispatch import logs
+from cydispatch import cluster, logs
 from cydispatch._dispatch import WorkerChannel, WorkerState
 from cydispatch.listener import ListenError, bind, resolve
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
@@ -39,6 +40,7 @@ from pyworker.http import HttpProtocol, Responses
 from pyworker.lifespan import Lifespan, LifespanFailed
 from pyworker.loader import AppLoadError, load_app
 from pyworker.tls import TlsError, server_context
+from pyworker.messages import MessageLink
 
 log = logging.getLogger("cydispatch.worker")
 
@@ -142,6 +144,10 @@ class Worker:
         self.ssl_context = server_context(self.settings) if self.settings.ssl_certfile else None
         # Handed connections whose TLS handshake is under way (see open_tls).
         self.handshakes: set = set()
+        # Before the app is imported: it may read cluster.worker_id, or
+        # broadcast, as it loads.
+        self.messages = MessageLink(spec.messages_fd)
+        cluster._connect(spec.slot, self.messages.send)
         self.new_connection = self.serve_builtin_app()
         if self.settings.app:
             self.new_connection = self.serve_user_app()
@@ -230,6 +236,8 @@ class Worker:
         # What the app opened at startup is counted in; the primary hands
         # no more than this, since the kernel closes what does not fit.
         self.channel.set_fd_room(descriptor_room())
+        # Messages reach the app's handlers once it has started.
+        self.messages.start(loop)
         self.report(WorkerState.WORKER_READY)
         loop.call_later(TICK_SECONDS, self.tick)
         # What exists now lives as long as the worker: keep the collector from
@@ -251,6 +259,7 @@ class Worker:
                 log.warning("Worker %d: the primary took no last report in %.0f s",
                             os.getpid(), EXIT_FLUSH_SECONDS)
             self.channel.close()
+            self.messages.close()
         return 0
 
     def open_listener(self) -> socket.socket:
