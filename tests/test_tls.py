@@ -286,6 +286,9 @@ CANNOT_SERVE = {
                              "--ssl-cert-reqs required needs --ssl-ca-certs"),
     "key without certificate": (lambda c: ["--ssl-keyfile", c.server_key],
                                 "--ssl-keyfile needs --ssl-certfile"),
+    "with the PROXY protocol": (lambda c: ["--ssl-certfile", c.server_cert, "--ssl-keyfile",
+                                           c.server_key, "--proxy-protocol"],
+                                "--proxy-protocol with TLS is not supported yet"),
 }
 
 
