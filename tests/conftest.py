@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,13 @@ import pytest
 
 from observe import children_of
 from cydispatch.bench.server import STARTED, CydispatchServer
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for configs that need one up front)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 
 # The command installed next to this Python (a virtualenv), else on PATH.
 CYDISPATCH = (shutil.which("cydispatch", path=os.path.dirname(sys.executable))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPS, Server
+from conftest import APPS, Server, free_port
 from cydispatch.bench.server import ServerProcess
 from load_client import LoadClient, failures, summary
 from waiting import wait_until
@@ -30,12 +30,6 @@ ADMIN_LINE = r"Admin endpoint on http://([\d.]+):(\d+) "
 
 pytestmark = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_instance(events: Path) -> Server:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import CYDISPATCH, Server
+from conftest import CYDISPATCH, Server, free_port
 from http_client import Connection, get
 from observe import distinct_workers_answer
 from waiting import wait_until
@@ -26,12 +26,6 @@ def connected(host: str, port: int) -> socket.socket | None:
         return socket.create_connection((host, port), timeout=10)
     except ConnectionRefusedError:
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @needs_activate
