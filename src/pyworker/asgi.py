@@ -35,7 +35,7 @@ from pyworker.websocket import (
     WebSocketSession, handshake_bytes, is_websocket_upgrade, websocket_scope,
 )
 from pyworker.http import (
-    MAX_HEAD_BYTES, KEEP_ALIVE_HEADER, SERVER_HEADER, STATUS_LINES, RequestRejected,
+    ConnectionProtocol, MAX_HEAD_BYTES, KEEP_ALIVE_HEADER, SERVER_HEADER, STATUS_LINES, RequestRejected,
 )
 
 log = logging.getLogger("cydispatch.worker")
@@ -399,7 +399,7 @@ class RequestCycle:
                         self.status, self.response_bytes, duration * 1000)
 
 
-class AsgiProtocol(asyncio.Protocol):
+class AsgiProtocol(ConnectionProtocol):
     """One HTTP/1.1 connection serving an ASGI app."""
 
     def __init__(self, server, config: AsgiConfig, queued_at: int | None = None) -> None:

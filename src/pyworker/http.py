@@ -92,7 +92,21 @@ class StopParsing(Exception):
     """Raised from a parser callback to ignore the rest of the input."""
 
 
-class HttpProtocol(asyncio.Protocol):
+class ConnectionProtocol(asyncio.Protocol):
+    """A protocol the worker makes before its connection's transport exists.
+
+    uvloop's connect_accepted_socket asks for a protocol factory; the
+    worker has the protocol already (Worker.adopt_all), so the protocol is
+    its own factory: a closure per connection would cost more.
+    """
+
+    __slots__ = ()
+
+    def __call__(self):
+        return self
+
+
+class HttpProtocol(ConnectionProtocol):
     """Serves one connection.
 
     `server` is the worker: it has the responses of this second (Responses),

@@ -15,11 +15,12 @@ of this: without the flag no byte of theirs goes through here.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import struct
 from typing import NamedTuple
+
+from pyworker.http import ConnectionProtocol
 
 log = logging.getLogger("cydispatch.worker")
 
@@ -128,7 +129,7 @@ def parse_v2(data: bytes) -> ProxyHeader | None:
     return ProxyHeader((str(address_type(source)), source_port), length)
 
 
-class ProxyHeaderReader(asyncio.Protocol):
+class ProxyHeaderReader(ConnectionProtocol):
     """A connection's first protocol: reads the PROXY header, then hands over.
 
     It stands in the worker's set of connections until then (the tick checks

@@ -90,6 +90,8 @@ class HandedConnection:
     object that is not a socket.socket once libuv has closed the fd itself.
     A real socket.socket costs about 3 us more per connection (measured):
     building it, and converting family and type to enums on every read.
+    uvloop reads all but close() during the coroutine's first step, so one
+    object serves every connection, its `fd` set before each (adopt_all).
     """
 
     __slots__ = ("fd", "family")
@@ -115,6 +117,7 @@ class Worker:
         # does it); the baseline modes when uvloop has accepted it.
         self.count_on_open = self.settings.mode != "dispatch"
         self.family, self.sockaddr = resolve(self.settings.host, self.settings.port)
+        self.handed = HandedConnection(-1, self.family)
         self.draining = False
         # A stopping primary may still hand a draining worker the rest of
         # its backlog; the worker exits once it says nothing more follows.
@@ -275,8 +278,8 @@ class Worker:
         if self.channel.fileno() < 0:
             return      # the primary went away; a pull was still due
         fds, stop, final, closed = self.channel.receive(within_hand=True)
-        for fd in fds:
-            self.adopt(fd)
+        if fds:
+            self.adopt_all(fds)
         if closed:
             log.warning("Worker %d: the primary is gone; finishing up", os.getpid())
             if self.channel_watched:
@@ -320,31 +323,50 @@ class Worker:
             self.report_retrying = False
             self.loop.remove_writer(self.channel.fileno())
 
-    def adopt(self, fd: int) -> None:
-        """Serve a handed connection.
+    def adopt_all(self, fds: list[int]) -> None:
+        """Serve handed connections.
 
         uvloop's connect_accepted_socket is a coroutine that makes the
-        transport at once and then waits for connection_made, a turn of the
-        loop later (with TLS, once the handshake is done: see open_tls).  It is stepped here by hand, not run as a task: a task
-        per connection (its registration in asyncio's set of tasks, one more
-        callback) is a cost the reuseport path, accepting in C, never pays.
+        transport at once and then waits for connection_made, which it has
+        scheduled for the next turn of the loop (with TLS, for when the
+        handshake is done: see open_tls).  It is stepped here by hand, not
+        run as a task, and what reuseport's accept in C never pays is kept
+        off the path: a task per connection, a callback on each one's
+        future, a closure for its protocol factory (the protocol is its own,
+        ConnectionProtocol) and an object for its fd (one HandedConnection,
+        read only while the first step runs).
         """
-        protocol = self.new_connection(self.ticks)
-        opening = self.open_handed(lambda: protocol, HandedConnection(fd, self.family))
-        try:
-            waiter = opening.send(None)
-        except StopIteration:
-            return
-        except Exception as exc:
-            self.adopt_failed(fd, protocol, exc)
-            return
-        # Resumed once connection_made has run, so that it returns; dropped
-        # while suspended, it would close the transport.
-        waiter.add_done_callback(lambda _: self.adopted(opening, fd, protocol))
+        handed = self.handed
+        ticks = self.ticks
+        opening = []
+        for fd in fds:
+            protocol = self.new_connection(ticks)
+            handed.fd = fd
+            coroutine = self.open_handed(protocol, handed)
+            try:
+                waiter = coroutine.send(None)
+            except StopIteration:
+                continue
+            except Exception as exc:
+                self.adopt_failed(fd, protocol, exc)
+                continue
+            opening.append((coroutine, waiter, fd, protocol))
+        if opening:
+            # After the connection_made callbacks the first steps scheduled;
+            # dropped while suspended, a coroutine would close its transport.
+            self.loop.call_soon(self.adopted_all, opening)
 
-    def adopted(self, opening, fd: int, protocol) -> None:
+    def adopted_all(self, opening: list) -> None:
+        for coroutine, waiter, fd, protocol in opening:
+            if waiter.done():
+                self.adopted(coroutine, fd, protocol)
+            else:   # a TLS handshake under way
+                waiter.add_done_callback(
+                    lambda _, c=coroutine, f=fd, p=protocol: self.adopted(c, f, p))
+
+    def adopted(self, coroutine, fd: int, protocol) -> None:
         try:
-            opening.send(None)
+            coroutine.send(None)
         except StopIteration:
             pass
         except Exception as exc:
