@@ -40,7 +40,7 @@ def test_help_lists_every_option():
                    "--max-requests-jitter", "APP", "--app-dir", "--factory", "--interface",
                    "--lifespan", "--root-path", "--proxy-headers", "--no-proxy-headers",
                    "--forwarded-allow-ips", "--header-timeout", "--threads", "--access-log",
-                   "--ws-max-size", "--admin", "--ssl-certfile", "--ssl-keyfile",
+                   "--ws-max-size", "--admin", "--proxy-protocol", "--ssl-certfile", "--ssl-keyfile",
                    "--ssl-keyfile-password", "--ssl-ca-certs", "--ssl-cert-reqs", "--ssl-ciphers",
                    "dispatch", "reuseport", "shared", "least-conn", "round-robin"):
         assert option in result.stdout

@@ -41,8 +41,12 @@ def start_instance(events: Path) -> Server:
                     "--forwarded-allow-ips", "127.0.0.1", "--admin", "127.0.0.1:0",
                     workers=1, env={"APP_EVENTS": str(events)})
     server.events = events
-    server.wait_ready()
-    server.admin_port = int(server.wait_for_log(ADMIN_LINE)[0].group(2))
+    try:
+        server.wait_ready()
+        server.admin_port = int(server.wait_for_log(ADMIN_LINE)[0].group(2))
+    except BaseException:
+        server.stop()   # not in the fixture's hands yet
+        raise
     return server
 
 

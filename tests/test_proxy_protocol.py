@@ -22,6 +22,10 @@ V2_LOCAL, V2_PROXY = 0x20, 0x21
 V2_TCP4, V2_TCP6, V2_UNSPEC = 0x11, 0x21, 0x00
 # A TLV of each kind HAProxy sends (ALPN, authority, unique id): skipped.
 TLVS = b"\x01\x00\x08http/1.1" + b"\x02\x00\x0bexample.com" + b"\x05\x00\x04abcd"
+# PP2_TYPE_SSL with the client bit set, and a TLSv1.3 version sub-TLV; then
+# the same with the bit clear (the client did not use TLS).
+CLIENT_TLS = b"\x20\x00\x0e\x01\x00\x00\x00\x00" + b"\x21\x00\x07TLSv1.3"
+NO_CLIENT_TLS = b"\x20\x00\x05\x00\x00\x00\x00\x00"
 REQUEST = b"GET /client HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 CLOSED = b""    # what a client reads from a connection closed without an answer
 HEADER_TIMEOUT = 2
@@ -176,7 +180,12 @@ def test_a_header_never_completed_is_closed_after_the_header_timeout(app_server)
 
 
 def test_the_worker_goes_on_after_every_kind_of_refusal(app_server):
-    # Nothing above took a worker down: the two that started still serve.
+    # Each kind once more, so that this holds when the test runs alone.
+    assert exchange(app_server, v1("203.0.113.7", 1) + REQUEST, source="127.0.0.2") == CLOSED
+    assert exchange(app_server, REQUEST) == CLOSED
+    assert exchange(app_server, b"PROXY TCP5 203.0.113.7 127.0.0.1 1 2\r\n" + REQUEST) \
+        == CLOSED
+    # No refusal took a worker down: the two that started still serve.
     assert app_server.worker_pids() == set(app_server.started_workers())
     assert not app_server.find(r"Traceback|died")
     assert client_seen(app_server, v1("203.0.113.12", 40008)) == "203.0.113.12 40008"
@@ -222,6 +231,24 @@ def test_the_builtin_app_serves_behind_a_proxy_header():
         server.stop()
 
 
+def test_forwarded_headers_behind_a_header_without_a_client_are_not_trusted(app_server):
+    # UNKNOWN relays a client it does not name: the proxy does not vouch for
+    # what that client claims, though the peer (the proxy) is trusted.
+    forged = REQUEST.replace(b"Host: t\r\n", b"Host: t\r\nX-Forwarded-For: 198.51.100.1\r\n")
+    for header in (b"PROXY UNKNOWN\r\n", v2()):
+        assert body_of(exchange(app_server, header + forged)).split()[0] == b"127.0.0.1"
+
+
+def test_a_client_that_spoke_tls_to_the_proxy_is_served_as_https(app_server):
+    # HAProxy ending TLS, with send-proxy-v2-ssl: the app must build https URLs.
+    scheme = REQUEST.replace(b"/client", b"/scheme")
+    assert body_of(exchange(app_server, v2("203.0.113.12", 1, tlvs=CLIENT_TLS) + scheme)) \
+        == b"https"
+    assert body_of(exchange(app_server, v2("203.0.113.12", 1, tlvs=NO_CLIENT_TLS) + scheme)) \
+        == b"http"
+    assert body_of(exchange(app_server, v1("203.0.113.12", 1) + scheme)) == b"http"
+
+
 # The parser alone
 
 @pytest.mark.parametrize("data, header", [
@@ -233,9 +260,13 @@ def test_the_builtin_app_serves_behind_a_proxy_header():
     (v2("1.2.3.4", 5) + b"GET", ProxyHeader(("1.2.3.4", 5), 28)),
     (v2("1.2.3.4", 5, tlvs=TLVS), ProxyHeader(("1.2.3.4", 5), 28 + len(TLVS))),
     (v2("::1", 6), ProxyHeader(("::1", 6), 52)),
-    (v2(command=V2_LOCAL, tlvs=TLVS), ProxyHeader(None, 16 + len(TLVS))),
+    (v2(command=V2_LOCAL, tlvs=TLVS), ProxyHeader(None, 16 + len(TLVS), relayed=False)),
     # LOCAL ignores its family and addresses, whatever they are.
-    (V2_SIGNATURE + b"\x20\x11\x00\x0c" + bytes(12), ProxyHeader(None, 28)),
+    (V2_SIGNATURE + b"\x20\x11\x00\x0c" + bytes(12), ProxyHeader(None, 28, relayed=False)),
+    # send-proxy-v2-ssl: the client's TLS, with its own sub-TLVs (version).
+    (v2("1.2.3.4", 5, tlvs=TLVS + CLIENT_TLS), ProxyHeader(("1.2.3.4", 5), 28 + len(TLVS)
+                                                          + len(CLIENT_TLS), tls=True)),
+    (v2("1.2.3.4", 5, tlvs=NO_CLIENT_TLS), ProxyHeader(("1.2.3.4", 5), 28 + len(NO_CLIENT_TLS))),
     # AF_UNIX: no address to use.
     (V2_SIGNATURE + b"\x21\x31\x00\xd8" + bytes(216), ProxyHeader(None, 232)),
 ])
@@ -265,6 +296,8 @@ def test_parser_waits_for_the_rest_of_a_header(data):
     V2_SIGNATURE + b"\x11\x11\x00\x00",              # version 1
     V2_SIGNATURE + b"\x21\x10\x00\x0c" + bytes(12),  # no protocol
     V2_SIGNATURE + b"\x21\x21\x00\x0c" + bytes(12),  # too short for TCP6
+    v2("1.2.3.4", 5, tlvs=b"\x20\x00"),              # ends inside a TLV's head
+    v2("1.2.3.4", 5, tlvs=b"\x20\x00\x05\x01"),      # ... inside its value
 ])
 def test_parser_refuses_what_cannot_be_a_header(data):
     with pytest.raises(ProxyHeaderError):

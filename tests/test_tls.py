@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cydispatch.settings import Settings
 from http_client import Connection, Response
 from test_admin import admin_url
 from test_cli import assert_one_line_error, run
@@ -263,6 +264,8 @@ def test_an_encrypted_key_with_its_password_stays_off_worker_command_lines(
     for pid in server.worker_pids():
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             assert KEY_PASSWORD.encode() not in cmdline.read()
+    # Nor in the settings' repr, which a log line or a traceback may show.
+    assert KEY_PASSWORD not in repr(Settings(ssl_keyfile_password=KEY_PASSWORD))
 
 
 CANNOT_SERVE = {

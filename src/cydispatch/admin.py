@@ -52,8 +52,15 @@ def snapshot_of(arbiter) -> dict:
     """What the primary knows, as plain data: read from the admin thread.
 
     Every container is copied before it is walked (one step under the GIL),
-    so the loop's thread may change them meanwhile.
+    so the loop's thread may change them meanwhile; but an exited worker's
+    counts move from its page to the totals under counts_lock, taken here
+    too, so that no scrape counts them twice or not at all.
     """
+    with arbiter.counts_lock:
+        return read_snapshot(arbiter)
+
+
+def read_snapshot(arbiter) -> dict:
     settings = arbiter.settings
     dispatcher = arbiter.dispatcher
     now = time.monotonic()

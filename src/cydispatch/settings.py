@@ -170,16 +170,22 @@ def nothing_to_check(value) -> None:
 def option(default, help: str, *, parse: Callable[[str], Any] = str,
            check: Callable[[Any], None] = nothing_to_check, metavar: str | None = None,
            choices: tuple[str, ...] | None = None, positional: bool = False,
-           default_factory: Callable[[], Any] | None = None, shown: str | None = None):
-    """A Settings field that is also a command-line option (see cli.build_parser)."""
+           default_factory: Callable[[], Any] | None = None, shown: str | None = None,
+           secret: bool = False):
+    """A Settings field that is also a command-line option (see cli.build_parser).
+
+    `secret`: left out of the settings' repr, so that no log line or
+    traceback that shows them shows it.
+    """
     if choices is not None:
         check = one_of(choices)
     # `shown`: how --help names the default, when not by its value (0 is "auto").
     metadata = {"help": help, "parse": parse, "check": check, "metavar": metavar,
                 "choices": choices, "positional": positional, "shown": shown}
     if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+        return dataclasses.field(default_factory=default_factory, metadata=metadata,
+                                 repr=not secret)
+    return dataclasses.field(default=default, metadata=metadata, repr=not secret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +297,7 @@ class Settings:
     ssl_keyfile_password: str = option(
         "", "the password of an encrypted --ssl-keyfile; prefer setting "
         "CYDISPATCH_SSL_KEYFILE_PASSWORD, which other users cannot read in ps",
-        metavar="PASSWORD")
+        metavar="PASSWORD", secret=True)
     ssl_ca_certs: str = option(
         "", "PEM file of the CAs that client certificates are checked against",
         metavar="FILE")

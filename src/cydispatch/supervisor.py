@@ -26,6 +26,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 
 from cydispatch._dispatch import DURATION_BOUNDS, Dispatcher, Event
@@ -141,6 +142,9 @@ class Arbiter:
         # workers that have exited: with the live ones', a total that only grows.
         self.durations_done = [0] * len(DURATION_BOUNDS) + [0]
         self.duration_seconds_done = 0.0
+        # Held by the admin thread while it reads the counts, and by the loop
+        # while it folds an exited worker's in (fold_counts_and_detach).
+        self.counts_lock = threading.Lock()
         self.admin = None   # the --admin endpoint's server, when asked for
         # Messages between workers (cydispatch.cluster), through the primary.
         self.router = MessageRouter()
@@ -516,18 +520,29 @@ class Arbiter:
                 return  # ECHILD: no children left to wait for
             if pid == 0:
                 return
-            worker = self.workers.pop(pid, None)
+            with self.counts_lock:
+                worker = self.workers.pop(pid, None)
+                if worker is not None:
+                    orphans = self.fold_counts_and_detach(worker)
             if worker is not None:
-                self.worker_exited(worker, status)
+                self.worker_exited(worker, status, orphans)
 
-    def worker_exited(self, worker: WorkerProcess, status: int) -> None:
-        del self.channels[worker.channel]
-        self.router.close(worker.channel)
+    def fold_counts_and_detach(self, worker: WorkerProcess) -> int:
+        """Keep an exited worker's counts, then let its page go; its orphans, how many.
+
+        Under counts_lock with its removal from `workers`: a scrape sees the
+        worker live or its counts folded in, never both or neither, so the
+        totals it reports never go back.
+        """
         worker.slot.requests_done += self.dispatcher.requests(worker.channel)
         counts, seconds = self.dispatcher.durations(worker.channel)
         self.durations_done = [done + count for done, count in zip(self.durations_done, counts)]
         self.duration_seconds_done += seconds
-        orphans = self.dispatcher.detach(worker.channel)
+        return self.dispatcher.detach(worker.channel)
+
+    def worker_exited(self, worker: WorkerProcess, status: int, orphans: int) -> None:
+        del self.channels[worker.channel]
+        self.router.close(worker.channel)
         slot = worker.slot
         if self.stopping or worker.retiring:
             log.info("Worker %d exited (%s)", worker.pid, describe_exit(status))

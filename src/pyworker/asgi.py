@@ -411,6 +411,7 @@ class AsgiProtocol(ConnectionProtocol):
         self.client = None
         self.local = None
         self.trusted_proxy = False
+        self.scheme = config.scheme     # https too when a PROXY header says TLS
         # The request being parsed, the one running, those waiting their turn.
         self.parsing: RequestCycle | None = None
         self.cycle: RequestCycle | None = None
@@ -423,7 +424,7 @@ class AsgiProtocol(ConnectionProtocol):
         self.head_since = server.now    # when the head in progress began; 0: none
         self.last_active = server.now
         self.closing = False
-        self.close_after = server.draining
+        self.close_after = False    # answer the requests read, then close
         self.reading_paused = False
         self.writes = WriteFlow(self.loop)
         # A status to answer once the requests ahead of bad input are answered.
@@ -436,6 +437,9 @@ class AsgiProtocol(ConnectionProtocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # Read now, not when the protocol was made: a TLS handshake may
+        # have ended after a drain began.
+        self.close_after = self.server.draining
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.parser = httptools.HttpRequestParser(self)
         peer = transport.get_extra_info("peername")
@@ -449,13 +453,18 @@ class AsgiProtocol(ConnectionProtocol):
         self.trusted_proxy = self.config.trust.trusts(self.client[0] if self.client else None)
         self.server.connection_opened(self)
 
-    def client_named_by_proxy(self, client: tuple[str, int]) -> None:
-        """A PROXY protocol header named the client (pyworker.proxy_protocol).
+    def client_named_by_proxy(self, client: tuple[str, int] | None, tls: bool) -> None:
+        """A PROXY protocol header relays a client (pyworker.proxy_protocol).
 
-        Its X-Forwarded-* headers count only if it is a trusted proxy itself.
+        Its X-Forwarded-* headers count only if it is a trusted proxy itself;
+        when the header does not say who it is (UNKNOWN, UNSPEC, a Unix
+        socket), nobody vouches for them.  `tls`: it spoke TLS to the proxy.
         """
-        self.client = client
-        self.trusted_proxy = self.config.trust.trusts(client[0])
+        if client is not None:
+            self.client = client
+        self.trusted_proxy = client is not None and self.config.trust.trusts(client[0])
+        if tls:
+            self.scheme = "https"
 
     def connection_lost(self, exc) -> None:
         self.closing = True
@@ -562,7 +571,7 @@ class AsgiProtocol(ConnectionProtocol):
             path = unquote(path)
         method = parser.get_method()
         headers = self.headers
-        client, scheme = self.client, config.scheme
+        client, scheme = self.client, self.scheme
         host = None
         noted = self.noted
         if noted & NOTED_FORWARDED and self.trusted_proxy:

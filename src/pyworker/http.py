@@ -131,7 +131,7 @@ class HttpProtocol(ConnectionProtocol):
         self.in_body = False
         self.body_bytes = 0
         self.closing = False
-        self.close_after = server.draining  # answer one request, then close
+        self.close_after = False    # answer one request, then close
         self.last_active = server.now
         # When the head in progress began (0: none); a new connection owes one.
         self.head_since = server.now
@@ -146,9 +146,12 @@ class HttpProtocol(ConnectionProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.parser = httptools.HttpRequestParser(self)
+        # Read now, not when the protocol was made: a TLS handshake may
+        # have ended after a drain began.
+        self.close_after = self.server.draining
         self.server.connection_opened(self)
 
-    def client_named_by_proxy(self, client: tuple[str, int]) -> None:
+    def client_named_by_proxy(self, client: tuple[str, int] | None, tls: bool) -> None:
         """A PROXY protocol header named the client: the built-in app has no use for it."""
 
     def connection_lost(self, exc) -> None:

@@ -29,6 +29,10 @@ V1_PREFIX = b"PROXY "
 # IPv6 addresses and two ports is 104).
 V1_MAX_BYTES = 107
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+# A TLV's type and length; the type of the one about the client's TLS, and
+# its flag that the client used TLS.
+TLV_HEAD = struct.Struct("!BH")
+PP2_TYPE_SSL, PP2_CLIENT_SSL = 0x20, 0x01
 # Signature, version and command, family and protocol, length of the rest.
 V2_FIXED = struct.Struct("!12sBBH")
 V2_VERSION = 0x2
@@ -54,6 +58,10 @@ class ProxyHeader(NamedTuple):
     client: tuple[str, int] | None
     # Bytes the header took: what follows is the client's.
     length: int
+    # False for v2 LOCAL only: the proxy's own connection, not a client's.
+    relayed: bool = True
+    # The client spoke TLS to the proxy (v2's PP2_TYPE_SSL, client bit set).
+    tls: bool = False
 
 
 def parse_header(data: bytes) -> ProxyHeader | None:
@@ -115,7 +123,7 @@ def parse_v2(data: bytes) -> ProxyHeader | None:
         return None
     if command == V2_LOCAL:
         # The proxy's own connection (a health check): the real endpoints stand.
-        return ProxyHeader(None, length)
+        return ProxyHeader(None, length, relayed=False)
     family, protocol = family_protocol >> 4, family_protocol & 0xF
     if family == V2_UNSPEC or (family == V2_UNIX and protocol in (V2_STREAM, V2_DGRAM)):
         return ProxyHeader(None, length)    # no address we could use
@@ -126,7 +134,28 @@ def parse_v2(data: bytes) -> ProxyHeader | None:
     if rest_length < addresses.size:
         raise ProxyHeaderError(f"v2 header too short for its addresses ({rest_length} bytes)")
     source, _, source_port, _ = addresses.unpack_from(data, V2_FIXED.size)
-    return ProxyHeader((str(address_type(source)), source_port), length)
+    tls = client_used_tls(data[V2_FIXED.size + addresses.size:length])
+    return ProxyHeader((str(address_type(source)), source_port), length, tls=tls)
+
+
+def client_used_tls(tlvs: bytes) -> bool:
+    """Whether v2's TLVs say the client spoke TLS to the proxy (send-proxy-v2-ssl).
+
+    A proxy that ends TLS itself sends plain HTTP on; this is how the app
+    still learns its scheme is https.  The other TLVs are skipped.
+    """
+    offset = 0
+    while offset < len(tlvs):
+        if len(tlvs) - offset < 3:
+            raise ProxyHeaderError("v2 header ends inside a TLV")
+        kind, size = TLV_HEAD.unpack_from(tlvs, offset)
+        value = tlvs[offset + 3:offset + 3 + size]
+        if len(value) < size:
+            raise ProxyHeaderError("v2 header ends inside a TLV")
+        if kind == PP2_TYPE_SSL and value[:1] and value[0] & PP2_CLIENT_SSL:
+            return True
+        offset += 3 + size
+    return False
 
 
 class ProxyHeaderReader(ConnectionProtocol):
@@ -181,8 +210,8 @@ class ProxyHeaderReader(ConnectionProtocol):
         self.server.connection_handed_on(self)
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
-        if header.client is not None:
-            protocol.client_named_by_proxy(header.client)
+        if header.relayed:
+            protocol.client_named_by_proxy(header.client, header.tls)
         rest = self.received[header.length:]
         self.received = b""
         if rest:

@@ -75,9 +75,10 @@ def check_combination(settings: Settings) -> None:
 
 def check(settings: Settings) -> None:
     """For the primary, before any worker starts: TlsError unless TLS can be served as set."""
-    check_combination(settings)
     if enabled(settings):
-        server_context(settings)
+        server_context(settings)    # checks the combination first
+    else:
+        check_combination(settings)
 
 
 def read_or_fail(flag: str, path: str) -> bytes:

@@ -399,6 +399,10 @@ class Worker:
                 ssl_handshake_timeout=self.handshake_timeout())
         except OSError as exc:  # ssl.SSLError, a reset, the timeout's ConnectionAbortedError
             log.debug("TLS handshake failed: %r", exc)
+        except Exception as exc:
+            # uvloop owns the fd from the first step on and has closed it:
+            # adopt_failed's own close could hit a reused descriptor.
+            log.warning("TLS handshake failed: %r", exc)
         finally:
             self.handshakes.discard(protocol)
         # Set by connection_made, which runs before this resumes; a
@@ -536,10 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Worker %d cannot load the application: %s", os.getpid(), exc,
                   exc_info=exc.__cause__ if exc.user_code else None)
         return APP_LOAD_ERROR
-    except LifespanFailed as exc:
-        log.error("Worker %d cannot start: %s", os.getpid(), exc)
-        return WORKER_BOOT_ERROR
-    except (ListenError, TlsError) as exc:
+    except (LifespanFailed, ListenError, TlsError) as exc:
         log.error("Worker %d cannot start: %s", os.getpid(), exc)
         return WORKER_BOOT_ERROR
     except Exception:
