@@ -15,8 +15,10 @@ of this: without the flag no byte of theirs goes through here.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import socket
 import struct
 from typing import NamedTuple
 
@@ -240,3 +242,89 @@ class ProxyHeaderReader(ConnectionProtocol):
         if not self.closing and self.opened_at < head_cutoff:
             log.debug("closed a connection: no PROXY header within --header-timeout")
             self.close()
+
+
+# Reading the header off the socket itself, for TLS
+
+# Bytes a complete header can take: v2's fixed part and its largest rest.
+MAX_HEADER_BYTES = V2_FIXED.size + 0xFFFF
+
+
+async def read_header_off_socket(loop, fd: int, trust, deadline: float) -> ProxyHeader:
+    """The PROXY header `fd`'s stream starts with, taken off the socket, not a byte more.
+
+    Under TLS the header comes before the client's hello, which the TLS
+    layer must read itself: a protocol above the transport (ProxyHeaderReader)
+    would see the header inside TLS, where it never is.  Bytes are peeked,
+    and only those known to be header are taken: all of an unfinished
+    header's, exactly the rest of a finished one's.  Raises ProxyHeaderError
+    (a peer not trusted, bytes that are no header), OSError, or TimeoutError
+    at `deadline` (the loop's clock).
+    """
+    sock = socket.socket(fileno=fd)
+    try:
+        peer = sock.getpeername()
+        if not (isinstance(peer, tuple) and trust.allows(peer[0])):
+            raise ProxyHeaderError(f"{peer} is not in --forwarded-allow-ips")
+        taken = b""
+        while True:
+            try:
+                peeked = sock.recv(MAX_HEADER_BYTES - len(taken), socket.MSG_PEEK)
+            except BlockingIOError:
+                await readable(loop, fd, deadline)
+                continue
+            if not peeked:
+                raise ProxyHeaderError("closed before the end of its PROXY header")
+            header = parse_header(taken + peeked)
+            if header is not None:
+                sock.recv(header.length - len(taken))
+                return header
+            # Not finished: every byte so far is the header's.
+            taken += sock.recv(len(peeked))
+    finally:
+        sock.detach()   # the fd goes on to the TLS transport, or is closed by the caller
+
+
+async def readable(loop, fd: int, deadline: float) -> None:
+    """Until `fd` has bytes to read; TimeoutError at `deadline`."""
+    waiter = loop.create_future()
+
+    def wake(result=None, error=None) -> None:
+        if not waiter.done():
+            if error is None:
+                waiter.set_result(result)
+            else:
+                waiter.set_exception(error)
+
+    loop.add_reader(fd, wake)
+    timer = loop.call_at(deadline, wake, None, TimeoutError("no PROXY header within "
+                                                            "--header-timeout"))
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
+        timer.cancel()
+
+
+class HandOnWithClient(asyncio.Protocol):
+    """Hands a TLS connection to its HTTP protocol with the client its PROXY header named.
+
+    uvloop calls connection_made once the handshake is done, and may pass
+    the first request at once after: the client is set before that.
+    """
+
+    __slots__ = ("protocol", "header")
+
+    def __init__(self, protocol, header: ProxyHeader) -> None:
+        self.protocol = protocol
+        self.header = header
+
+    def __call__(self):
+        return self     # its own factory, as ConnectionProtocol
+
+    def connection_made(self, transport) -> None:
+        protocol = self.protocol
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.header.relayed:
+            protocol.client_named_by_proxy(self.header.client, self.header.tls)

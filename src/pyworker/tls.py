@@ -62,12 +62,12 @@ def check_combination(settings: Settings) -> None:
         if settings.ssl_cert_reqs != "none":
             raise TlsError("--ssl-cert-reqs needs --ssl-certfile")
         return
-    if settings.proxy_protocol:
-        # The PROXY header comes before the TLS hello on the wire; reading
-        # it first needs the header parsed off the raw socket before the
-        # handshake starts, which the worker does not do yet.
-        raise TlsError("--proxy-protocol with TLS is not supported yet: terminate TLS "
-                       "in the proxy, or serve TLS without --proxy-protocol")
+    if settings.proxy_protocol and settings.mode != "dispatch":
+        # The PROXY header comes before the TLS hello on the wire: the worker
+        # reads it off a handed socket before its handshake starts, but in the
+        # baseline modes uvloop accepts and begins TLS itself.
+        raise TlsError(f"--proxy-protocol with TLS is served in --mode dispatch, "
+                       f"not {settings.mode}")
     if settings.ssl_cert_reqs != "none" and not settings.ssl_ca_certs:
         raise TlsError(f"--ssl-cert-reqs {settings.ssl_cert_reqs} needs --ssl-ca-certs: "
                        "the CAs that client certificates are checked against")

@@ -155,7 +155,10 @@ class Worker:
         if self.settings.app:
             self.new_connection = self.serve_user_app()
         if self.settings.proxy_protocol:
-            self.new_connection = self.read_proxy_header_first(self.new_connection)
+            from pyworker.proxy import ProxyTrust
+            self.proxy_trust = ProxyTrust(self.settings)
+            if self.ssl_context is None:
+                self.new_connection = self.read_proxy_header_first(self.new_connection)
 
     def listening_address(self) -> tuple[str, int] | None:
         """(address, port) every connection arrives on, or None for a wildcard bind."""
@@ -193,9 +196,8 @@ class Worker:
         Chosen once, here: without --proxy-protocol nothing of it is on the
         path of a connection.
         """
-        from pyworker.proxy import ProxyTrust
         from pyworker.proxy_protocol import ProxyHeaderReader
-        trust = ProxyTrust(self.settings)
+        trust = self.proxy_trust
         return lambda queued_at=None: ProxyHeaderReader(self, serve, trust, queued_at)
 
     def run(self) -> int:
@@ -221,6 +223,8 @@ class Worker:
         self.open_handed = loop.connect_accepted_socket
         if self.ssl_context is not None:
             self.open_handed = self.open_tls
+            if self.settings.proxy_protocol:
+                self.open_handed = self.open_proxied_tls
         # Ctrl-C reaches the whole process group; the primary leads the stop.
         for signum in PRIMARY_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
@@ -366,11 +370,14 @@ class Worker:
 
     def adopted(self, coroutine, fd: int, protocol) -> None:
         try:
-            coroutine.send(None)
+            waiter = coroutine.send(None)
         except StopIteration:
-            pass
+            return
         except Exception as exc:
             self.adopt_failed(fd, protocol, exc)
+            return
+        # Suspended again (a PROXY header read before TLS waits for bytes).
+        waiter.add_done_callback(lambda _: self.adopted(coroutine, fd, protocol))
 
     def handshake_timeout(self) -> float | None:
         """A TLS handshake that has not ended by then is aborted; None without TLS."""
@@ -381,7 +388,40 @@ class Worker:
         # handshake, so this is a backstop for a client that never finishes.
         return self.settings.header_timeout
 
-    async def open_tls(self, protocol_factory, handed: HandedConnection) -> None:
+    async def open_proxied_tls(self, protocol, handed: HandedConnection) -> None:
+        """open_tls behind --proxy-protocol: the PROXY header first, off the socket.
+
+        It precedes the TLS hello on the wire, so it is read before uvloop
+        sees the fd (pyworker.proxy_protocol.read_header_off_socket), within
+        --header-timeout; the handshake and the request's head then have
+        theirs.  Meanwhile the connection stands with the handshakes: the
+        tick takes it off the queue, a drain marks it.
+        """
+        from pyworker.proxy_protocol import (
+            HandOnWithClient, ProxyHeaderError, read_header_off_socket)
+        fd = handed.fd  # read now: `handed` serves the next fd once this suspends
+        self.handshakes.add(protocol)
+        try:
+            header = await read_header_off_socket(
+                self.loop, fd, self.proxy_trust,
+                self.loop.time() + self.settings.header_timeout)
+        except (ProxyHeaderError, OSError) as exc:     # TimeoutError included
+            log.debug("closed a connection before TLS: %s", exc)
+            header = None
+        finally:
+            self.handshakes.discard(protocol)
+        if header is None:
+            os.close(fd)    # uvloop never had it
+            if protocol.queued_at is not None:
+                self.dequeued(protocol)
+            self.channel.closed()
+            self.exit_if_done()
+            return
+        await self.open_tls(HandOnWithClient(protocol, header),
+                            HandedConnection(fd, self.family), protocol)
+
+    async def open_tls(self, protocol_factory, handed: HandedConnection,
+                       protocol=None) -> None:
         """connect_accepted_socket with TLS, stepped by adopt() like the plain one.
 
         It suspends until the handshake ends, up to handshake_timeout().
@@ -391,7 +431,9 @@ class Worker:
         connection_lost to uncount it.  It is uncounted here; uvloop has
         closed its fd.
         """
-        protocol = protocol_factory()
+        # `protocol`: the HTTP protocol, when the factory's is one that hands on to it.
+        if protocol is None:
+            protocol = protocol_factory()
         self.handshakes.add(protocol)
         try:
             await self.loop.connect_accepted_socket(
