@@ -49,7 +49,10 @@ def proxied_tls_request(server, context: ssl.SSLContext, header: bytes,
             except ssl.SSLWantReadError:
                 sock.sendall((header if first else b"") + outgoing.read())
                 first = False
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""  # closed with our bytes unread: the kernel resets
                 if not data:
                     return CLOSED
                 incoming.write(data)
