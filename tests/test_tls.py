@@ -169,6 +169,33 @@ def test_a_required_client_certificate(start_server, certs):
     assert server.worker_pids() == workers
 
 
+def test_an_optional_client_certificate_is_checked_when_sent(start_server, certs, tmp_path):
+    server = start_server(*serving(certs), "--ssl-ca-certs", certs.ca,
+                          "--ssl-cert-reqs", "optional")
+    assert tls_get(server, client_context(certs))[0].status == 200
+    assert tls_get(server, client_context(certs, with_certificate=True))[0].status == 200
+    # A certificate no CA of --ssl-ca-certs signed is refused, not ignored.
+    openssl(tmp_path, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "stranger.key",
+            "-out", "stranger.pem", "-days", "2", "-subj", "/CN=a stranger")
+    stranger = client_context(certs)
+    stranger.load_cert_chain(tmp_path / "stranger.pem", tmp_path / "stranger.key")
+    with pytest.raises(OSError):
+        tls_get(server, stranger)
+    assert tls_get(server, client_context(certs))[0].status == 200
+
+
+def test_ssl_ciphers_choose_the_tls12_cipher(start_server, certs):
+    cipher = "ECDHE-ECDSA-AES128-GCM-SHA256"
+    server = start_server(*serving(certs), "--ssl-ciphers", cipher)
+    context = client_context(certs)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2    # TLS 1.3 suites are not chosen so
+    with Connection(server.host, server.port, tls=context) as conn:
+        conn.request("/", headers={"Connection": "close"})
+        assert conn.response().status == 200
+        assert conn.sock.cipher()[0] == cipher
+
+
 def test_a_client_that_never_says_hello_is_closed_after_the_header_timeout(start_server, certs):
     server = start_server(*serving(certs), "--header-timeout", str(HEADER_TIMEOUT),
                           "--queue-depth", "2", "--admin", "127.0.0.1:0", workers=1)
@@ -288,6 +315,9 @@ CANNOT_SERVE = {
                              "--ssl-cert-reqs required needs --ssl-ca-certs"),
     "key without certificate": (lambda c: ["--ssl-keyfile", c.server_key],
                                 "--ssl-keyfile needs --ssl-certfile"),
+    "no such cipher": (lambda c: ["--ssl-certfile", c.server_cert, "--ssl-keyfile",
+                                  c.server_key, "--ssl-ciphers", "NOT-A-CIPHER"],
+                       "--ssl-ciphers: 'NOT-A-CIPHER' selects no cipher"),
     "PROXY protocol in a baseline mode": (
         lambda c: ["--ssl-certfile", c.server_cert, "--ssl-keyfile", c.server_key,
                    "--proxy-protocol", "--mode", "reuseport"],
