@@ -461,6 +461,44 @@ def test_lifespan_shutdown_runs_when_a_worker_is_removed(start_server, tmp_path)
     assert lifespan_events(log, "shutdown") == first - server.worker_pids()
 
 
+def start_held_in_startup(start_server, tmp_path, *args: str):
+    """A server whose two workers are both inside the app's lifespan startup; the gate."""
+    events, gate = tmp_path / "events", tmp_path / "gate"
+    server = serve(start_server, "slow_startup:app", *args, ready=False,
+                   env={"STARTUP_GATE": str(gate), "STARTUP_EVENTS": str(events)})
+    wait_until(lambda: events.exists() and events.read_text().count("waiting") == 2,
+               message="both workers inside their app's startup")
+    return server, gate
+
+
+def test_a_stop_while_apps_start_lets_them_finish_starting(start_server, tmp_path):
+    server, gate = start_held_in_startup(start_server, tmp_path)
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for_log(r"Stopping")
+    gate.touch()    # startup ends after the stop began; then the workers leave
+    assert server.proc.wait(30) == 0
+    assert not server.find(r"Traceback|cannot start|exit code [1-9]|died"), server.log
+    assert len(server.find(r"Worker \d+ exited \(exit code 0\)")) == 2
+
+
+def test_a_stop_while_apps_start_ends_at_the_graceful_timeout(start_server, tmp_path):
+    server, _ = start_held_in_startup(start_server, tmp_path, "--graceful-timeout", "2")
+    assert server.stop() == 0
+    assert len(server.find(r"stopped before its app had started")) == 2
+    assert not server.find(r"Traceback|cannot start|exit code [1-9]|died"), server.log
+
+
+def test_a_stop_sent_to_the_whole_process_group_exits_cleanly(start_server, tmp_path):
+    # systemd's default KillMode=control-group, or `kill -TERM -PGID`: the
+    # workers get SIGTERM with the primary.  Successors started for workers
+    # that began draining must not die starting, nor outlive the stop.
+    events = tmp_path / "events"
+    server = serve(start_server, "fastapi_app:app", env={"LIFESPAN_EVENTS": str(events)})
+    os.killpg(server.pid, signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert not server.find(r"Traceback|cannot start|exit code [1-9]"), server.log
+
+
 def test_lifespan_startup_failure_is_a_boot_failure(start_server):
     server = serve(start_server, "failing_startup:app", workers=1, ready=False)
     assert server.proc.wait(timeout=60) == 3

@@ -130,6 +130,8 @@ class Worker:
             self.max_requests = self.settings.max_requests + random.randint(
                 0, self.settings.max_requests_jitter)
         self.recycling = False
+        self.started = False    # the app's lifespan startup is done
+        self.quitting = False   # SIGQUIT
         self.report_retrying = False
         # The channel is read only while the worker has room in hand for
         # more connections (WorkerChannel.hand_full): its reader is removed
@@ -229,23 +231,28 @@ class Worker:
         for signum in PRIMARY_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         loop.add_signal_handler(signal.SIGTERM, self.drain)
-        loop.add_signal_handler(signal.SIGQUIT, loop.stop)
+        loop.add_signal_handler(signal.SIGQUIT, self.quit)
         loop.add_reader(self.channel.fileno(), self.on_channel_readable)
         self.channel_watched = True
         if self.lifespan is not None:
             # Before ready: no connection reaches an app that has not started.
-            loop.run_until_complete(self.lifespan.startup())
-        if self.settings.mode != "dispatch":
-            self.server = loop.run_until_complete(loop.create_server(
-                self.new_connection, sock=self.open_listener(),
-                backlog=self.settings.backlog, ssl=self.ssl_context,
-                ssl_handshake_timeout=self.handshake_timeout()))
-        # What the app opened at startup is counted in; the primary hands
-        # no more than this, since the kernel closes what does not fit.
-        self.channel.set_fd_room(descriptor_room())
-        # Messages reach the app's handlers once it has started.
-        self.messages.start(loop)
-        self.report(WorkerState.WORKER_READY)
+            try:
+                loop.run_until_complete(self.lifespan.startup())
+            except RuntimeError:
+                if not (self.draining or self.quitting):
+                    raise
+                # The loop was stopped while the app started: SIGQUIT, or a
+                # stop that outlasted --graceful-timeout.  Nothing to finish.
+                log.info("Worker %d stopped before its app had started", os.getpid())
+                self.channel.close()
+                return 0
+        self.started = True
+        if self.draining:
+            # A stop came while the app started (see exit_if_done): it ran to
+            # its end so that its shutdown runs too; nothing is served.
+            loop.call_soon(self.exit_if_done)
+        else:
+            self.start_serving()
         loop.call_later(TICK_SECONDS, self.tick)
         # What exists now lives as long as the worker: keep the collector from
         # walking it again and again (the objects of a request die young).
@@ -268,6 +275,20 @@ class Worker:
             self.channel.close()
             self.messages.close()
         return 0
+
+    def start_serving(self) -> None:
+        loop = self.loop
+        if self.settings.mode != "dispatch":
+            self.server = loop.run_until_complete(loop.create_server(
+                self.new_connection, sock=self.open_listener(),
+                backlog=self.settings.backlog, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout()))
+        # What the app opened at startup is counted in; the primary hands
+        # no more than this, since the kernel closes what does not fit.
+        self.channel.set_fd_room(descriptor_room())
+        # Messages reach the app's handlers once it has started.
+        self.messages.start(loop)
+        self.report(WorkerState.WORKER_READY)
 
     def open_listener(self) -> socket.socket:
         settings = self.settings
@@ -521,9 +542,16 @@ class Worker:
         self.exit_if_done()
 
     def exit_if_done(self) -> None:
-        if self.draining and self.nothing_follows \
+        # Not while the app's lifespan startup runs in run_until_complete:
+        # stopping the loop there would abandon it half-started.
+        if self.draining and self.nothing_follows and self.started \
                 and self.channel.open_connections == 0:
             self.loop.stop()
+
+    def quit(self) -> None:
+        """SIGQUIT: leave now, whatever is in progress."""
+        self.quitting = True
+        self.loop.stop()
 
     def tick(self) -> None:
         self.ticks += 1

@@ -1,4 +1,8 @@
-"""An ASGI app whose lifespan startup waits until the file STARTUP_GATE names exists."""
+"""An ASGI app whose lifespan startup waits until the file STARTUP_GATE names exists.
+
+With STARTUP_EVENTS set, each worker appends "waiting PID" to that file as it
+begins to wait.
+"""
 
 import asyncio
 import os
@@ -8,6 +12,9 @@ import time
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         await receive()
+        if os.environ.get("STARTUP_EVENTS"):
+            with open(os.environ["STARTUP_EVENTS"], "a") as events:
+                events.write(f"waiting {os.getpid()}\n")
         deadline = time.monotonic() + 60
         while not os.path.exists(os.environ["STARTUP_GATE"]) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
