@@ -210,10 +210,7 @@ class ProxyHeaderReader(ConnectionProtocol):
         self.queued_at = None
         self.closing = True     # the transport is the HTTP protocol's from here
         self.server.connection_handed_on(self)
-        self.transport.set_protocol(protocol)
-        protocol.connection_made(self.transport)
-        if header.relayed:
-            protocol.client_named_by_proxy(header.client, header.tls)
+        serve_relayed(self.transport, protocol, header)
         rest = self.received[header.length:]
         self.received = b""
         if rest:
@@ -323,8 +320,16 @@ class HandOnWithClient(asyncio.Protocol):
         return self     # its own factory, as ConnectionProtocol
 
     def connection_made(self, transport) -> None:
-        protocol = self.protocol
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self.header.relayed:
-            protocol.client_named_by_proxy(self.header.client, self.header.tls)
+        serve_relayed(transport, self.protocol, self.header)
+
+
+def serve_relayed(transport, protocol, header: ProxyHeader) -> None:
+    """Give `transport` to the HTTP `protocol`, with the client `header` relays.
+
+    The client is set before any request can reach the protocol: the caller
+    feeds it what followed the header only after this returns.
+    """
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if header.relayed:
+        protocol.client_named_by_proxy(header.client, header.tls)

@@ -368,14 +368,9 @@ class Worker:
             protocol = self.new_connection(ticks)
             handed.fd = fd
             coroutine = self.open_handed(protocol, handed)
-            try:
-                waiter = coroutine.send(None)
-            except StopIteration:
-                continue
-            except Exception as exc:
-                self.adopt_failed(fd, protocol, exc)
-                continue
-            opening.append((coroutine, waiter, fd, protocol))
+            waiter = self.step(coroutine, fd, protocol)
+            if waiter is not None:
+                opening.append((coroutine, waiter, fd, protocol))
         if opening:
             # After the connection_made callbacks the first steps scheduled;
             # dropped while suspended, a coroutine would close its transport.
@@ -383,22 +378,28 @@ class Worker:
 
     def adopted_all(self, opening: list) -> None:
         for coroutine, waiter, fd, protocol in opening:
-            if waiter.done():
-                self.adopted(coroutine, fd, protocol)
-            else:   # a TLS handshake under way
-                waiter.add_done_callback(
-                    lambda _, c=coroutine, f=fd, p=protocol: self.adopted(c, f, p))
+            self.resume(coroutine, waiter, fd, protocol)
 
-    def adopted(self, coroutine, fd: int, protocol) -> None:
+    def resume(self, coroutine, waiter, fd: int, protocol) -> None:
+        """Step an adoption on whenever what it waits for is done, to its end.
+
+        A plain one ends at its second step; with TLS it waits for the
+        handshake, behind --proxy-protocol for the header's bytes first.
+        """
+        while waiter is not None and waiter.done():
+            waiter = self.step(coroutine, fd, protocol)
+        if waiter is not None:
+            waiter.add_done_callback(lambda _: self.resume(coroutine, waiter, fd, protocol))
+
+    def step(self, coroutine, fd: int, protocol):
+        """One step of an adoption: the future it waits for next; None once it has ended."""
         try:
-            waiter = coroutine.send(None)
+            return coroutine.send(None)
         except StopIteration:
-            return
+            return None
         except Exception as exc:
             self.adopt_failed(fd, protocol, exc)
-            return
-        # Suspended again (a PROXY header read before TLS waits for bytes).
-        waiter.add_done_callback(lambda _: self.adopted(coroutine, fd, protocol))
+            return None
 
     def handshake_timeout(self) -> float | None:
         """A TLS handshake that has not ended by then is aborted; None without TLS."""
@@ -433,17 +434,14 @@ class Worker:
             self.handshakes.discard(protocol)
         if header is None:
             os.close(fd)    # uvloop never had it
-            if protocol.queued_at is not None:
-                self.dequeued(protocol)
-            self.channel.closed()
-            self.exit_if_done()
+            self.never_opened(protocol)
             return
         await self.open_tls(HandOnWithClient(protocol, header),
                             HandedConnection(fd, self.family), protocol)
 
     async def open_tls(self, protocol_factory, handed: HandedConnection,
                        protocol=None) -> None:
-        """connect_accepted_socket with TLS, stepped by adopt() like the plain one.
+        """connect_accepted_socket with TLS, stepped by adopt_all() like the plain one.
 
         It suspends until the handshake ends, up to handshake_timeout().
         The channel counted the connection when it arrived, but a handshake
@@ -471,19 +469,24 @@ class Worker:
         # Set by connection_made, which runs before this resumes; a
         # connection_lost that clears it comes a turn later.
         if protocol.transport is None:
-            if protocol.queued_at is not None:
-                self.dequeued(protocol)
-            self.channel.closed()
-            self.exit_if_done()
+            self.never_opened(protocol)
 
     def adopt_failed(self, fd: int, protocol, exc: Exception) -> None:
         if protocol.transport is None:
             # Never opened, so never closed: close and uncount it here.
             log.warning("could not serve a handed connection: %s", exc)
             os.close(fd)
-            self.dequeue()
-            self.channel.closed()
-            self.exit_if_done()
+            self.never_opened(protocol)
+
+    def never_opened(self, protocol) -> None:
+        """A handed connection that never reached connection_made: off the counts.
+
+        No connection_lost will come for it to do this.
+        """
+        if protocol.queued_at is not None:
+            self.dequeued(protocol)
+        self.channel.closed()
+        self.exit_if_done()
 
     # Connection accounting, called by HttpProtocol
 
