@@ -173,8 +173,6 @@ cdef struct LoadPage:
     uint32_t hand_limit  # --queue-depth, written by the primary: connections
                          # the worker takes off its channel before it has
                          # reached them (0: no limit)
-    uint32_t requests   # requests the worker has answered (wrapping),
-                        # written once a tick and at exit: for --admin
     uint32_t nudge_below  # written by the primary: a worker asked for a
                           # nudge sends it only once its queue is down to
                           # this (0: at once), so that the primary wakes
@@ -762,10 +760,16 @@ cdef class Dispatcher:
         return taken
 
     def requests(self, int slot):
-        """Requests the worker in `slot` has answered, as of its last tick."""
+        """Requests the worker in `slot` has answered: its duration histogram's count."""
+        cdef LoadPage *page
+        cdef uint64_t total = 0
+        cdef int k
         if slot >= self.nslots or self.slots[slot].page == NULL:
             return 0
-        return atomic_load_u32(&self.slots[slot].page.requests)
+        page = self.slots[slot].page
+        for k in range(DURATION_BUCKETS):
+            total += relaxed_load_u64(&page.durations[k])
+        return total
 
     def durations(self, int slot):
         """(counts per bucket of DURATION_BOUNDS and one above, sum in seconds)
@@ -1454,10 +1458,6 @@ cdef class WorkerChannel:
         process is closed by the kernel on receipt.
         """
         atomic_store_u32(&self.page.fd_room, room)
-
-    def publish_requests(self, uint64_t count):
-        """The requests answered so far, for the primary to read (once a tick)."""
-        atomic_store_u32(&self.page.requests, <uint32_t>count)
 
     def observe(self, double seconds):
         """A request was answered in `seconds`: count it in the duration histogram."""

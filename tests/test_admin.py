@@ -81,7 +81,8 @@ def test_metrics_count_connections_and_workers(start_server):
 
 
 def test_requests_are_counted_per_worker_across_restarts(start_server):
-    # Published by each worker once a second: wait for the counts to arrive.
+    # Counted by each worker as it answers; the last response may reach the
+    # client just before its count is stored: wait for the counts.
     server = start_server("--admin", "127.0.0.1:0")
     for _ in range(20):
         assert get(server.host, server.port).status == 200

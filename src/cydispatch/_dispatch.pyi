@@ -49,7 +49,7 @@ class Dispatcher:
     def silence(self, slot: int) -> float:
         """Seconds since the worker in `slot` last reported (its heartbeat)."""
     def requests(self, slot: int) -> int:
-        """Requests the worker in `slot` has answered, as of its last tick."""
+        """Requests the worker in `slot` has answered: its duration histogram's count."""
     def durations(self, slot: int) -> tuple[list[int], float]:
         """(count per bucket of DURATION_BOUNDS and one above, sum of seconds) in `slot`."""
     def load(self, slot: int) -> tuple[int, int, int, int]:
@@ -89,7 +89,6 @@ class WorkerChannel:
         """Holding --queue-depth connections not reached yet: leave the rest in the channel."""
     def report(self, state: int) -> None: ...
     def heartbeat(self) -> None: ...
-    def publish_requests(self, count: int) -> None: ...
     def observe(self, seconds: float) -> None:
         """Count a request answered in `seconds` in the duration histogram."""
     def observe_since_begin(self) -> None:

@@ -191,7 +191,7 @@ class PrimaryCollector:
         requests = CounterMetricFamily(
             "cydispatch_worker_requests",
             "Requests answered in each worker slot, by its workers past and present "
-            "(published by each worker once a second).", labels=["worker"])
+            "(the request-duration histogram's count, per slot).", labels=["worker"])
         answered = {label: float(done) for label, done in view["requests_done"].items()}
         for worker in view["workers"]:
             label = str(worker["worker"])

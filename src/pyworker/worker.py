@@ -265,7 +265,6 @@ class Worker:
         finally:
             if self.wsgi_app is not None:
                 self.wsgi_app.stop()
-            self.channel.publish_requests(self.requests)
             # A last report (connections lost for want of descriptors, the
             # state) must not be dropped because the primary's socket is
             # full for a moment.
@@ -560,8 +559,6 @@ class Worker:
         self.ticks += 1
         self.now = time.monotonic()
         self.responses.tick()
-        # For the primary's --admin metrics: once a tick, not per request.
-        self.channel.publish_requests(self.requests)
         # The watchdog's evidence that this loop turns (see --timeout).
         self.channel.heartbeat()
         self.retry_report()
