@@ -180,6 +180,20 @@ def test_pipelined_request_waits_for_a_slow_one(edge):
         assert conn.response().body == b"/after"
 
 
+def test_each_request_runs_in_a_task_and_a_context_of_its_own(edge):
+    # However a request is started (on Python 3.12 and later its first step
+    # runs at once, while the connection's bytes are being handled), the app
+    # finds a current task, and a context that no earlier request changed.
+    with connect(edge) as conn:
+        conn.request("/context?mark=first")
+        assert conn.response().body == b"task=yes seen=- body="
+        conn.request("/context?mark=second", method="POST", body=b"in one packet")
+        assert conn.response().body == b"task=yes seen=- body=in one packet"
+        conn.send(b"GET /context?mark=a HTTP/1.1\r\nHost: t\r\n\r\n"
+                  b"GET /context?mark=b HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert [conn.response().body for _ in range(2)] == [b"task=yes seen=- body="] * 2
+
+
 def test_head_gets_no_body(edge):
     with connect(edge) as conn:
         conn.request("/something", method="HEAD")

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import re
+import sys
 from time import monotonic
 from urllib.parse import unquote
 
@@ -55,6 +57,9 @@ WRITE_LOW_WATER = 16 * 1024
 # Final statuses whose responses never carry a body (1xx are refused outright).
 NO_BODY_STATUSES = frozenset((204, 304))
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Python 3.12 and later can run a task's first step at once (eager_start):
+# a request whose app does not wait is then served without a turn of the loop.
+EAGER_TASKS = sys.version_info >= (3, 12)
 # Request headers that need a second look once the head is complete.
 NOTED_FORWARDED, NOTED_EXPECT = 1, 2
 NOTED_HEADERS = {b"x-forwarded-for": NOTED_FORWARDED, b"x-forwarded-proto": NOTED_FORWARDED,
@@ -415,6 +420,11 @@ class AsgiProtocol(ConnectionProtocol):
         # The request being parsed, the one running, those waiting their turn.
         self.parsing: RequestCycle | None = None
         self.cycle: RequestCycle | None = None
+        # `cycle` is to start once the bytes in hand are parsed (data_received).
+        self.cycle_due = False
+        # The context the connection's callbacks run in: each request's task
+        # runs in a copy of it (see start).
+        self.context: contextvars.Context | None = None
         self.pipeline: collections.deque[RequestCycle] = collections.deque()
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -432,11 +442,13 @@ class AsgiProtocol(ConnectionProtocol):
         self.served = 0
         self.queued_at = queued_at
         self.websocket: tuple[dict, bytes] | None = None   # (scope, handshake) to upgrade
+        self.scope_base: dict = {}
 
     # asyncio.Protocol
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.context = contextvars.copy_context()
         # Read now, not when the protocol was made: a TLS handshake may
         # have ended after a drain began.
         self.close_after = self.server.draining
@@ -451,6 +463,7 @@ class AsgiProtocol(ConnectionProtocol):
         if isinstance(local, tuple):
             self.local = (local[0], local[1])
         self.trusted_proxy = self.config.trust.trusts(self.client[0] if self.client else None)
+        self.rebase_scope()
         self.server.connection_opened(self)
 
     def client_named_by_proxy(self, client: tuple[str, int] | None, tls: bool) -> None:
@@ -465,6 +478,15 @@ class AsgiProtocol(ConnectionProtocol):
         self.trusted_proxy = client is not None and self.config.trust.trusts(client[0])
         if tls:
             self.scheme = "https"
+        self.rebase_scope()
+
+    def rebase_scope(self) -> None:
+        """What the scopes of this connection's requests share, as far as known."""
+        self.scope_base = {
+            "type": "http", "asgi": ASGI_VERSION, "http_version": "1.1",
+            "server": self.local, "client": self.client, "scheme": self.scheme,
+            "root_path": self.config.root_path,
+        }
 
     def connection_lost(self, exc) -> None:
         self.closing = True
@@ -528,6 +550,12 @@ class AsgiProtocol(ConnectionProtocol):
                     self.reject(431)
         finally:
             server.end()
+        if self.cycle_due:
+            # After the parse, not in its callback: the request's body, if it
+            # came with the head, is in hand, so the app's first step can take
+            # it and usually finish the request without waiting.
+            self.cycle_due = False
+            self.start(self.cycle, EAGER_TASKS)
 
     # httptools callbacks
 
@@ -589,20 +617,24 @@ class AsgiProtocol(ConnectionProtocol):
         self.headers = []
         self.head_bytes = 0
         self.noted = 0
-        scope = {
-            "type": "http",
-            "asgi": ASGI_VERSION,
-            "http_version": "1.1" if http11 else "1.0",
-            "server": self.local,
-            "client": client,
-            "scheme": scheme,
-            "method": METHODS.get(method) or method.decode("ascii"),
-            "root_path": config.root_path,
-            "path": config.root_path + path,
-            "raw_path": config.root_path_bytes + raw_path,
-            "query_string": query,
-            "headers": headers,
-        }
+        # What every request of this connection shares is copied, not built
+        # key by key: a third of the cost of a scope.
+        scope = self.scope_base.copy()
+        if not http11:
+            scope["http_version"] = "1.0"
+        if client is not self.client:
+            scope["client"] = client
+        if scheme is not self.scheme:
+            scope["scheme"] = scheme
+        scope["method"] = METHODS.get(method) or method.decode("ascii")
+        if config.root_path:
+            scope["path"] = config.root_path + path
+            scope["raw_path"] = config.root_path_bytes + raw_path
+        else:
+            scope["path"] = path
+            scope["raw_path"] = raw_path
+        scope["query_string"] = query
+        scope["headers"] = headers
         if config.state is not None:
             scope["state"] = config.state.copy()
         keep_alive = parser.should_keep_alive() and not self.close_after
@@ -616,7 +648,8 @@ class AsgiProtocol(ConnectionProtocol):
         cycle = RequestCycle(self, scope, keep_alive, expect_continue, http11)
         self.parsing = cycle
         if self.cycle is None:
-            self.start(cycle)
+            self.cycle = cycle
+            self.cycle_due = True
         else:
             self.pipeline.append(cycle)
             if len(self.pipeline) >= PIPELINE_LIMIT:
@@ -650,9 +683,19 @@ class AsgiProtocol(ConnectionProtocol):
         self.parser = None
         session.take_over(self.transport, rest)
 
-    def start(self, cycle: RequestCycle) -> None:
+    def start(self, cycle: RequestCycle, eager: bool = False,
+              context: contextvars.Context | None = None) -> None:
+        """Run `cycle`'s request as a task; `eager`: its first step now, not on the next turn.
+
+        The task runs in a copy of `context`, by default of the context of
+        the caller: a callback of the connection's.
+        """
         self.cycle = cycle
-        self.loop.create_task(cycle.run(self.config.app))
+        if eager:
+            asyncio.Task(cycle.run(self.config.app), loop=self.loop, context=context,
+                         eager_start=True)
+        else:
+            self.loop.create_task(cycle.run(self.config.app), context=context)
 
     def cycle_finished(self, cycle: RequestCycle) -> None:
         """The app is done with `cycle`: close, or go on with the next request."""
@@ -679,7 +722,9 @@ class AsgiProtocol(ConnectionProtocol):
         cycle.body_size = 0
         self.cycle = None
         if self.pipeline:
-            self.start(self.pipeline.popleft())
+            # Called from the finished request's task: the next one must not
+            # inherit what that one set in its context.
+            self.start(self.pipeline.popleft(), context=self.context.copy())
         elif self.rejected is not None:
             self.write_error(self.rejected)
             self.close()

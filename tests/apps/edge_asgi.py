@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import os
 import time
@@ -24,6 +25,10 @@ async def read_body(receive) -> bytes:
         body += message.get("body", b"")
         if not message.get("more_body"):
             return bytes(body)
+
+
+# Set by /context: a request must never see what an earlier one set.
+REQUEST_MARK: contextvars.ContextVar[str] = contextvars.ContextVar("request_mark", default="-")
 
 
 async def start(send, status=200, headers=()):
@@ -209,6 +214,17 @@ async def app(scope, receive, send):
     if path == "/pid":
         await start(send)
         await send({"type": "http.response.body", "body": b"%d" % os.getpid()})
+        return
+    if path == "/context":
+        # What asyncio gives a request: a task of its own (anyio, sniffio and
+        # every framework built on them ask for it), and its own context.
+        task = asyncio.current_task()
+        seen = REQUEST_MARK.get()
+        REQUEST_MARK.set(query.get("mark", "?"))
+        body = await read_body(receive)
+        await start(send)
+        await send({"type": "http.response.body", "body": b"task=%s seen=%s body=%s" % (
+            b"yes" if task is not None else b"no", seen.encode(), body)})
         return
     if path == "/scheme":
         await start(send)
