@@ -39,6 +39,7 @@ queues that can be emptied into another worker keep that short.
 
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.object cimport PyObject
 from libc cimport errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -1654,6 +1655,36 @@ cdef class WorkerChannel:
         return True
 
 
+cdef extern from "Python.h":
+    ctypedef enum PySendResult:
+        PYGEN_RETURN
+        PYGEN_ERROR
+        PYGEN_NEXT
+    PySendResult PyIter_Send(object iterator, object value, PyObject **result)
+    ctypedef PySendResult (*sendfunc)(PyObject *, PyObject *, PyObject **) noexcept
+    ctypedef struct PyAsyncMethods:
+        sendfunc am_send
+    ctypedef struct AsyncTypeObject "PyTypeObject":
+        PyAsyncMethods *tp_as_async
+
+
+cdef PySendResult send_stamped(PyObject *steps, PyObject *value,
+                               PyObject **result) noexcept:
+    """StampedSteps' am_send: one step of the app's coroutine, stamped.
+
+    The interpreter's `await` sends through this slot when a type has it: the
+    step's end then comes back as PYGEN_RETURN, where __next__ could only say
+    it by raising StopIteration, which Cython's error path turns into a frame
+    and a traceback: about 3,000 instructions per request (callgrind).
+    """
+    cdef StampedSteps stamped = <StampedSteps>steps
+    cdef PySendResult status
+    stamped.channel._begin()
+    status = PyIter_Send(stamped.coro, <object>value, result)
+    stamped.channel._end()
+    return status
+
+
 @cython.final
 cdef class StampedSteps:
     """The iterator `await channel.stamped(coro)` runs: each step of `coro` stamped.
@@ -1700,3 +1731,6 @@ cdef class StampedSteps:
 
     def close(self):
         return self.coro.close()
+
+
+(<AsyncTypeObject *>StampedSteps).tp_as_async.am_send = send_stamped
