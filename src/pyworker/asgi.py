@@ -181,11 +181,6 @@ class RequestCycle:
             self.protocol.pause_reading()
         self.wake()
 
-    def finish_body(self) -> None:
-        self.body_complete = True
-        if self.waiter is not None:
-            self.wake()
-
     def lose_connection(self) -> None:
         self.disconnected = True
         self.wake()
@@ -687,7 +682,9 @@ class AsgiProtocol(ConnectionProtocol):
         parsing = self.parsing
         if parsing is not None:
             self.parsing = None
-            parsing.finish_body()
+            parsing.body_complete = True
+            if parsing.waiter is not None:
+                parsing.wake()
 
     # Requests
 
