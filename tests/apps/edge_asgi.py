@@ -226,6 +226,10 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body", "body": b"task=%s seen=%s body=%s" % (
             b"yes" if task is not None else b"no", seen.encode(), body)})
         return
+    if path == "/version":
+        await start(send)
+        await send({"type": "http.response.body", "body": scope["http_version"].encode()})
+        return
     if path == "/scheme":
         await start(send)
         await send({"type": "http.response.body", "body": scope["scheme"].encode()})
