@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -260,3 +262,16 @@ def test_soak_reloads_every_slice_and_reports_no_errors_and_flat_descriptors(tmp
     assert all(s["workers"] >= 2 for s in results["samples"])
     table = (tmp_path / "soak.md").read_text()
     assert "| 1 |" in table and "| 2 |" in table and "0 errors" in table
+
+
+REQUEST_INSTRUCTIONS = Path(__file__).parent.parent / "bench" / "request_instructions.py"
+
+
+@pytest.mark.parametrize("args", [[], ["--close"], ["--app", "starlette"]],
+                         ids=["keepalive", "close", "starlette"])
+def test_request_instructions_script_serves_what_it_counts(args):
+    # What RESULTS.md's instruction counts run under callgrind, run here
+    # without it: every request it feeds must be answered 200.
+    result = subprocess.run([sys.executable, str(REQUEST_INSTRUCTIONS), "--serve", "200", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
