@@ -13,7 +13,8 @@ The hash seed is fixed, so a re-run gives the same count.
 
 --close: a new protocol per request (`Connection: close`), closed after it:
 what a new connection costs the protocol (the worker's adoption of the
-socket is not in it).
+socket is not in it). Run from a checkout with the test extra installed:
+it uses the stand-ins of tests/test_microbench.py.
 """
 
 from __future__ import annotations
@@ -24,21 +25,23 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nUser-Agent: wrk\r\n\r\n"
 CLOSE = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+# The stand-in worker and transport of the request microbenchmarks.
+TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def serve(count: int, app_name: str, close: bool) -> None:
-    """Serve `count` requests in this process."""
-    import socket
-
+    """Serve `count` requests in this process, through the request microbenchmarks' stand-ins."""
     import uvloop
 
-    from cydispatch._dispatch import WorkerChannel
+    sys.path.insert(0, str(TESTS))
+    from test_microbench import AddressedTransport, LoopWorker
+
     from cydispatch.settings import Settings
     from pyworker.asgi import AsgiConfig, AsgiProtocol
-    from pyworker.http import Responses
     from pyworker.proxy import ProxyTrust
 
     if app_name == "starlette":
@@ -46,62 +49,15 @@ def serve(count: int, app_name: str, close: bool) -> None:
     else:
         from cydispatch.bench.apps import hello as app
 
-    class Worker:
-        draining = False
-        now = 0.0
-        requests = 0
-        responses = Responses()
-
-        def __init__(self, loop) -> None:
-            ours, self.primary_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            self.channel = WorkerChannel(ours.detach())
-            self.loop = loop
-            self.begin, self.end = self.channel.begin, self.channel.end
-            self.stamped, self.observe = self.channel.stamped, self.channel.observe
-
-        def connection_opened(self, protocol) -> None:
-            pass
-
-        def connection_closed(self, protocol) -> None:
-            pass
-
-        def dequeued(self, protocol) -> None:
-            pass
-
-    class Transport:
-        def __init__(self) -> None:
-            self.closing = False
-            self.answered = 0
-
-        def write(self, data: bytes) -> None:
-            self.answered += data.startswith(b"HTTP/1.1 200 ")
-
-        def close(self) -> None:
-            self.closing = True
-
-        def is_closing(self) -> bool:
-            return self.closing
-
-        def get_extra_info(self, name):
-            return ("127.0.0.1", 40000)
-
-        def set_write_buffer_limits(self, high, low) -> None:
-            pass
-
-        def pause_reading(self) -> None:
-            pass
-
-        def resume_reading(self) -> None:
-            pass
-
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     settings = Settings()
     config = AsgiConfig(app, settings, ProxyTrust(settings), None, local=("127.0.0.1", 8000))
-    worker = Worker(loop)
+    worker = LoopWorker(loop)
+    transport = AddressedTransport()
 
     async def run() -> int:
-        transport = Transport()
+        answered = 0
         protocol = AsgiProtocol(worker, config)
         protocol.connection_made(transport)
         for _ in range(count):
@@ -115,7 +71,8 @@ def serve(count: int, app_name: str, close: bool) -> None:
             else:
                 protocol.data_received(REQUEST)
                 await asyncio.sleep(0)
-        return transport.answered
+            answered += transport.last[-1].startswith(b"HTTP/1.1 200 ")
+        return answered
 
     answered = loop.run_until_complete(run())
     if answered != count:

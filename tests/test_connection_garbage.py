@@ -22,29 +22,11 @@ from pyworker.app import HelloApp
 from pyworker.asgi import AsgiConfig, AsgiProtocol
 from pyworker.http import HttpProtocol
 from pyworker.proxy import ProxyTrust
-from test_microbench import StandInTransport, StandInWorker
+from test_microbench import AddressedTransport, LoopWorker
 
 CONNECTIONS = 200
 CLOSE = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 KEEP_ALIVE = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
-
-
-class LoopWorker(StandInWorker):
-    """The stand-in worker, with what the ASGI protocol also asks of it."""
-
-    def __init__(self, loop) -> None:
-        super().__init__()
-        self.loop = loop
-        self.stamped = self.channel.stamped
-        self.observe = self.channel.observe
-
-
-class AddressedTransport(StandInTransport):
-    def get_extra_info(self, name):
-        return ("127.0.0.1", 40000)
-
-    def set_write_buffer_limits(self, high, low) -> None:
-        pass
 
 
 def asgi_protocol(worker):

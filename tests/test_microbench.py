@@ -137,6 +137,26 @@ class StandInWorker:
         pass
 
 
+class AddressedTransport(StandInTransport):
+    """A stand-in transport with what an ASGI protocol also asks of one."""
+
+    def get_extra_info(self, name):
+        return ("127.0.0.1", 40000)
+
+    def set_write_buffer_limits(self, high, low) -> None:
+        pass
+
+
+class LoopWorker(StandInWorker):
+    """The stand-in worker, with what an ASGI protocol also asks of it: a loop, stamps, timing."""
+
+    def __init__(self, loop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.stamped = self.channel.stamped
+        self.observe = self.channel.observe
+
+
 def serving(protocol, data: bytes):
     """A connected protocol, and a function feeding it `data`: how many responses."""
     transport = StandInTransport()
