@@ -1675,7 +1675,7 @@ cdef PySendResult send_stamped(PyObject *steps, PyObject *value,
     The interpreter's `await` sends through this slot when a type has it: the
     step's end then comes back as PYGEN_RETURN, where __next__ could only say
     it by raising StopIteration, which Cython's error path turns into a frame
-    and a traceback: about 3,000 instructions per request (callgrind).
+    and a traceback: about 2,400 instructions per request (callgrind).
     """
     cdef StampedSteps stamped = <StampedSteps>steps
     cdef PySendResult status
