@@ -242,6 +242,7 @@ def test_status_shows_every_worker(start_server):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert re.match(rf"primary {server.pid} \(dispatch, least-conn\) on .*: serving", lines[0])
+    assert "messages broadcast 0, dropped 0 (a worker's outbox was full)" in lines
     header = next(i for i, line in enumerate(lines) if line.startswith("worker"))
     assert lines[header].split() == ["worker", "pid", "cpu", "state", "conns", "queued",
                                      "requests", "restarts", "rss", "up"]

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import Server, serving
 from http_client import Connection, get
-from test_admin import metrics
+from test_admin import admin_url, metrics, status_command
 from waiting import DEADLINE, wait_until
 from cydispatch import cluster
 from cydispatch.messages import OUTBOX_BYTES
@@ -199,6 +199,9 @@ def test_a_stopped_worker_makes_the_primary_drop_its_messages_not_hoard_them(sta
         assert full - started < 3 * OUTBOX_BYTES, f"the primary grew by {full - started}"
         assert end - full < OUTBOX_BYTES // 4, f"then by {end - full} bytes"
         assert dropped >= sent - 2 * OUTBOX_BYTES // FLOOD_SIZE
+        # An operator sees the same counts in `cydispatch status`.
+        shown = status_command("--admin", admin_url(server).removeprefix("http://"))
+        assert f"messages broadcast {sent}, dropped {int(dropped)} " in shown.stdout, shown
     finally:
         os.kill(stopped_pid, signal.SIGCONT)
     # Every message either reached the worker, in order, or was counted dropped.

@@ -63,6 +63,10 @@ def table(view: dict) -> str:
                      f"handed again {connections['redispatched']}")
     restarts = ", ".join(f"{reason} {count}" for reason, count in view["restarts"].items())
     lines.append(f"restarts: {restarts}")
+    messages = view.get("messages")     # an older primary's view has none
+    if messages is not None:
+        lines.append(f"messages broadcast {messages['broadcast']}, "
+                     f"dropped {messages['dropped']} (a worker's outbox was full)")
     rows = [("worker", "pid", "cpu", "state", "conns", "queued", "requests", "restarts", "rss",
              "up")]
     for worker in view["workers"]:
