@@ -196,23 +196,28 @@ def test_each_request_runs_in_a_task_and_a_context_of_its_own(edge):
 
 def test_each_request_is_read_as_the_version_it_names(edge):
     # The version is inferred from keep-alive when no Connection header is
-    # sent (see on_headers_complete): every combination, on one connection.
-    with connect(edge) as conn:
-        for version, headers, keeps_alive in [
-            ("1.1", {}, True),
-            ("1.0", {"Connection": "keep-alive"}, True),
-            ("1.1", {"Connection": "keep-alive"}, True),
-            ("1.0", {"Connection": "Keep-Alive", "Keep-Alive": "5"}, True),
-            ("1.1", {"Keep-Alive": "5"}, True),
-            ("1.0", {}, False),
-        ]:
-            conn.request("/version", version=version, headers=headers)
-            response = conn.response()
-            assert response.body == version.encode()
-            connection = response.headers.get("connection", "")
-            assert connection == ("" if version == "1.1" else
-                                  "keep-alive" if keeps_alive else "close")
-        assert conn.closed_by_server()
+    # sent (see on_headers_complete): every combination, on one connection
+    # until the last request of each, which closes it.
+    for requests in (
+        [("1.1", {}, True),
+         ("1.0", {"Connection": "keep-alive"}, True),
+         ("1.1", {"Connection": "keep-alive"}, True),
+         ("1.0", {"Connection": "Keep-Alive", "Keep-Alive": "5"}, True),
+         ("1.1", {"Keep-Alive": "5"}, True),
+         # llhttp reads Proxy-Connection as Connection.
+         ("1.0", {"Proxy-Connection": "keep-alive"}, True),
+         ("1.0", {}, False)],
+        [("1.1", {"Proxy-Connection": "close"}, False)],
+    ):
+        with connect(edge) as conn:
+            for version, headers, keeps_alive in requests:
+                conn.request("/version", version=version, headers=headers)
+                response = conn.response()
+                assert response.body == version.encode()
+                connection = response.headers.get("connection", "")
+                assert connection == ("" if version == "1.1" and keeps_alive else
+                                      "keep-alive" if keeps_alive else "close")
+            assert conn.closed_by_server()
 
 
 def test_head_gets_no_body(edge):

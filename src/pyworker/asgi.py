@@ -64,7 +64,8 @@ EAGER_TASKS = sys.version_info >= (3, 12)
 NOTED_FORWARDED, NOTED_EXPECT, NOTED_CONNECTION = 1, 2, 4
 NOTED_HEADERS = {b"x-forwarded-for": NOTED_FORWARDED, b"x-forwarded-proto": NOTED_FORWARDED,
                  b"x-forwarded-host": NOTED_FORWARDED, b"expect": NOTED_EXPECT,
-                 b"connection": NOTED_CONNECTION}
+                 # llhttp reads Proxy-Connection as it reads Connection.
+                 b"connection": NOTED_CONNECTION, b"proxy-connection": NOTED_CONNECTION}
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 # RFC 9110 token characters for names; values may not hold CR, LF or NUL.
 INVALID_HEADER_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
@@ -601,7 +602,7 @@ class AsgiProtocol(ConnectionProtocol):
         self.head_since = 0
         self.head_seen = 0
         # Read per request: each pipelined request says its own version.
-        # Without a Connection header llhttp keeps alive exactly the HTTP/1.1
+        # Without a Connection (or Proxy-Connection) header llhttp keeps alive exactly the HTTP/1.1
         # requests (it refuses versions other than 0.9, 1.0, 1.1 and 2.0),
         # and get_http_version() formats a string: 3% of a small request.
         keep_alive = parser.should_keep_alive()
