@@ -61,6 +61,7 @@ def serve(count: int, app_name: str, close: bool) -> None:
         protocol = AsgiProtocol(worker, config)
         protocol.connection_made(transport)
         for _ in range(count):
+            transport.last.clear()      # only this request's answer counts
             if close:
                 transport.closing = False
                 protocol = AsgiProtocol(worker, config)
@@ -71,7 +72,7 @@ def serve(count: int, app_name: str, close: bool) -> None:
             else:
                 protocol.data_received(REQUEST)
                 await asyncio.sleep(0)
-            answered += transport.last[-1].startswith(b"HTTP/1.1 200 ")
+            answered += bool(transport.last) and transport.last[-1].startswith(b"HTTP/1.1 200 ")
         return answered
 
     answered = loop.run_until_complete(run())

@@ -104,13 +104,6 @@ class ClientDisconnected(OSError):
     """send() after the client went away (ASGI spec 2.4: an OSError subclass)."""
 
 
-def status_line(status: int) -> bytes:
-    line = STATUS_LINES.get(status)
-    if line is None:
-        line = b"HTTP/1.1 %d \r\n" % status
-    return line
-
-
 class AsgiConfig:
     """What every connection of a worker shares: the app and the settings it needs."""
 
@@ -288,7 +281,7 @@ class RequestCycle:
             # Off the worker's queue before the answer goes out: the client
             # may open its next connection before this worker runs again.
             protocol.server.dequeued(protocol)
-        lines = [STATUS_LINES.get(self.status) or status_line(self.status)]
+        lines = [STATUS_LINES.get(self.status) or b"HTTP/1.1 %d \r\n" % self.status]
         has_server = has_date = False
         for name, value in self.headers:
             known = HEADER_LINES.get((name, value))
