@@ -760,18 +760,6 @@ cdef class Dispatcher:
                 break
         return taken
 
-    def requests(self, int slot):
-        """Requests the worker in `slot` has answered: its duration histogram's count."""
-        cdef LoadPage *page
-        cdef uint64_t total = 0
-        cdef int k
-        if slot >= self.nslots or self.slots[slot].page == NULL:
-            return 0
-        page = self.slots[slot].page
-        for k in range(DURATION_BUCKETS):
-            total += relaxed_load_u64(&page.durations[k])
-        return total
-
     def durations(self, int slot):
         """(counts per bucket of DURATION_BOUNDS and one above, sum in seconds)
         of the requests the worker in `slot` has answered."""

@@ -48,8 +48,6 @@ class Dispatcher:
         """Stop: hand out what the backlog holds, close once it is empty; how many."""
     def silence(self, slot: int) -> float:
         """Seconds since the worker in `slot` last reported (its heartbeat)."""
-    def requests(self, slot: int) -> int:
-        """Requests the worker in `slot` has answered: its duration histogram's count."""
     def durations(self, slot: int) -> tuple[list[int], float]:
         """(count per bucket of DURATION_BOUNDS and one above, sum of seconds) in `slot`."""
     def load(self, slot: int) -> tuple[int, int, int, int]:

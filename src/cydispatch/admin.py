@@ -66,8 +66,16 @@ def read_snapshot(arbiter) -> dict:
     now = time.monotonic()
     workers = []
     live = list(arbiter.workers.values())
+    # Request durations of every worker, past and present: one histogram; a
+    # live worker's requests are its own histogram's count.
+    durations = list(arbiter.durations_done)
+    duration_seconds = arbiter.duration_seconds_done
     for worker in live:
         slot = worker.slot
+        counts, seconds = dispatcher.durations(worker.channel) if dispatcher \
+            else ([0] * len(durations), 0.0)
+        durations = [total + count for total, count in zip(durations, counts)]
+        duration_seconds += seconds
         if worker.retiring:
             state = "draining"
         elif worker.ready:
@@ -79,20 +87,12 @@ def read_snapshot(arbiter) -> dict:
         workers.append({
             "worker": slot.index, "pid": worker.pid, "cpu": slot.cpu, "state": state,
             "connections": opened, "queued": queued,
-            "requests": dispatcher.requests(worker.channel) if dispatcher else 0,
+            "requests": sum(counts),
             "handed": handed if settings.mode == "dispatch" else None,
             "restarts": slot.restarts, "rss_bytes": resident_bytes(worker.pid),
             "uptime_seconds": round(now - worker.started_at, 3),
         })
     workers.sort(key=lambda w: (w["worker"], w["state"] != "draining"))
-    # Request durations of every worker, past and present: one histogram.
-    durations = list(arbiter.durations_done)
-    duration_seconds = arbiter.duration_seconds_done
-    if dispatcher is not None:
-        for worker in live:
-            counts, seconds = dispatcher.durations(worker.channel)
-            durations = [total + count for total, count in zip(durations, counts)]
-            duration_seconds += seconds
     dispatching = dispatcher is not None and settings.mode == "dispatch"
     return {
         "primary": {

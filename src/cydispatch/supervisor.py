@@ -534,8 +534,8 @@ class Arbiter:
         worker live or its counts folded in, never both or neither, so the
         totals it reports never go back.
         """
-        worker.slot.requests_done += self.dispatcher.requests(worker.channel)
         counts, seconds = self.dispatcher.durations(worker.channel)
+        worker.slot.requests_done += sum(counts)
         self.durations_done = [done + count for done, count in zip(self.durations_done, counts)]
         self.duration_seconds_done += seconds
         return self.dispatcher.detach(worker.channel)
