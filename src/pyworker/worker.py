@@ -41,6 +41,7 @@ from pyworker.lifespan import Lifespan, LifespanFailed
 from pyworker.loader import AppLoadError, load_app
 from pyworker.tls import TlsError, server_context
 from pyworker.messages import MessageLink
+from pyworker.proxy import ProxyTrust
 
 log = logging.getLogger("cydispatch.worker")
 
@@ -153,12 +154,14 @@ class Worker:
         # broadcast, as it loads.
         self.messages = MessageLink(spec.messages_fd)
         cluster._connect(spec.slot, self.messages.send)
-        self.new_connection = self.serve_builtin_app()
+        # Which peers may speak for a client (X-Forwarded-*, a PROXY
+        # header): one judge, and one cache of its answers, for both.
+        self.proxy_trust = ProxyTrust(self.settings)
         if self.settings.app:
             self.new_connection = self.serve_user_app()
+        else:
+            self.new_connection = self.serve_builtin_app()
         if self.settings.proxy_protocol:
-            from pyworker.proxy import ProxyTrust
-            self.proxy_trust = ProxyTrust(self.settings)
             if self.ssl_context is None:
                 self.new_connection = self.read_proxy_header_first(self.new_connection)
 
@@ -183,11 +186,10 @@ class Worker:
         else:
             self.lifespan = Lifespan(app, self.settings.lifespan)
         from pyworker.asgi import AsgiConfig, AsgiProtocol
-        from pyworker.proxy import ProxyTrust
         state = self.lifespan.state if self.lifespan is not None else None
         # A WSGI app runs in threads: the loop is never blocked by it, and
         # busy means every thread is (WorkerChannel.hold_busy).
-        config = AsgiConfig(app, self.settings, ProxyTrust(self.settings), state,
+        config = AsgiConfig(app, self.settings, self.proxy_trust, state,
                             native=interface == "asgi", local=self.listening_address())
         log.debug("Worker %d serves %s (%s)", os.getpid(), self.settings.app, interface)
         return lambda queued_at=None: AsgiProtocol(self, config, queued_at)
