@@ -123,7 +123,7 @@ def test_request_durations_are_a_histogram_across_restarts(start_server, tmp_pat
                       message="7 requests in the histogram")
     assert seen["le=+Inf"] == 7
     # The sleeps took at least 0.3 s each, the others (answered at once) not 0.25.
-    assert seen["le=0.25"] == 5 and seen["le=0.5"] + seen["le=1.0"] >= 5
+    assert seen["le=0.25"] == 5
     assert 0.6 <= seen["sum"] < 0.6 + 5 * 0.25 + 2 * 0.5
     buckets = [value for key, value in seen.items() if key.startswith("le=")]
     assert buckets == sorted(buckets)   # cumulative
