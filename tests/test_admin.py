@@ -10,16 +10,14 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CYDISPATCH, Server
+from conftest import APPS, CYDISPATCH, Server
 from http_client import Connection, get
 from waiting import wait_until
 
-APPS = str(Path(__file__).parent / "apps")
 ADMIN_LINE = r"Admin endpoint on http://([\d.]+):(\d+) "
 
 

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CYDISPATCH
+from conftest import APPS, CYDISPATCH
 from http_client import get
-
-APPS = str(Path(__file__).parent / "apps")
 
 
 def serve(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:

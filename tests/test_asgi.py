@@ -10,15 +10,12 @@ import re
 import signal
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
 from http_client import Connection
-from conftest import app_server, serving
+from conftest import APPS, app_server, serving
 from waiting import wait_until
-
-APPS = str(Path(__file__).parent / "apps")
 
 
 def serve(start_server, app: str, *args: str, **kwargs):

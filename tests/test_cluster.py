@@ -9,18 +9,16 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import Server, serving
+from conftest import APPS, Server, serving
 from http_client import Connection, get
 from test_admin import admin_url, metrics, status_command
 from waiting import DEADLINE, wait_until
 from cydispatch import cluster
 from cydispatch.messages import OUTBOX_BYTES
 
-APPS = str(Path(__file__).parent / "apps")
 FLOOD_SIZE = 60_000     # bytes of one flood message: near the 64 KiB limit
 
 
