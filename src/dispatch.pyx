@@ -40,6 +40,7 @@ queues that can be emptied into another worker keep that short.
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_XDECREF
 from libc cimport errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -1675,6 +1676,37 @@ cdef PySendResult send_stamped(PyObject *steps, PyObject *value,
     return status
 
 
+
+cdef int error_is_set() except -1:
+    return -1   # tells Cython to raise the exception already set
+
+
+cdef adoption_failed(fd, protocol, failed):
+    """The exception a step of an adoption raised, to failed(fd, protocol, exc)."""
+    try:
+        error_is_set()
+    except Exception as exc:
+        failed(fd, protocol, exc)
+    return None
+
+
+def step_adoption(coroutine, fd, protocol, failed):
+    """One step of a coroutine that adopts `fd`: what it waits for next, None once it has ended.
+
+    Worker.adopt_all steps uvloop's connect_accepted_socket through this
+    once or twice per connection, by hand.  An exception it raises goes to
+    failed(fd, protocol, exc), and the adoption has ended.  Through
+    PyIter_Send the coroutine's end is a return value: no StopIteration is
+    made and caught, and no Python frame runs.
+    """
+    cdef PyObject *result = NULL
+    cdef PySendResult status = PyIter_Send(coroutine, None, &result)
+    if status == PYGEN_ERROR:
+        return adoption_failed(fd, protocol, failed)
+    value = <object>result
+    Py_XDECREF(result)
+    return value if status == PYGEN_NEXT else None
+
 @cython.final
 cdef class StampedSteps:
     """The iterator `await channel.stamped(coro)` runs: each step of `coro` stamped.
@@ -1724,3 +1756,36 @@ cdef class StampedSteps:
 
 
 (<AsyncTypeObject *>StampedSteps).tp_as_async.am_send = send_stamped
+
+
+@cython.final
+cdef class HandedSocket:
+    """What uvloop's connect_accepted_socket needs of a handed fd, and no more.
+
+    uvloop reads `family`, `type` and `fileno()`, and calls `close()` on an
+    object that is not a socket.socket once libuv has closed the fd itself.
+    A real socket.socket costs about 3 us more per connection (measured):
+    building it, and converting family and type to enums on every read.
+    uvloop reads all but close() during the coroutine's first step, so one
+    object serves every connection, its `fd` set before each
+    (Worker.adopt_all).  Compiled, because fileno() and close() are called
+    once per connection: a Python method costs a frame each time.
+    """
+
+    cdef public int fd
+    cdef readonly object family
+
+    def __init__(self, int fd, family):
+        self.fd = fd
+        self.family = family
+
+    @property
+    def type(self):
+        return 1    # SOCK_STREAM
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        pass    # the transport owns the fd and has closed it
+

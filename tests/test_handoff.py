@@ -7,7 +7,9 @@ closing it, as the kernel does when a worker process exits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import os
 import resource
 import select
@@ -16,9 +18,11 @@ import socket
 import time
 
 import pytest
+import uvloop
 
-from cydispatch._dispatch import Dispatcher, Event, WorkerChannel, WorkerState, send_fds
-from waiting import wait_until
+from cydispatch._dispatch import (
+    Dispatcher, Event, HandedSocket, WorkerChannel, WorkerState, send_fds, step_adoption)
+from waiting import wait_until, wait_until_async
 
 
 # Fixtures: a listener, workers, clients
@@ -558,3 +562,75 @@ def test_a_signal_wakes_a_waiting_dispatcher():
         del dispatcher
         os.close(wake_r)
         os.close(wake_w)
+
+
+# The worker's adoption of a handed fd: uvloop's connect_accepted_socket,
+# stepped by hand (Worker.adopt_all) with step_adoption and one HandedSocket.
+
+class Recorder(asyncio.Protocol):
+    """A protocol that is its own factory and keeps what reaches it."""
+
+    def __init__(self) -> None:
+        self.transport = None
+        self.received = b""
+
+    def __call__(self):
+        return self
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+
+@pytest.fixture
+def loop():
+    loop = uvloop.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_a_handed_connection_is_adopted_in_two_steps(loop):
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname(), timeout=5) as client:
+        accepted, _ = listener.accept()
+        fd = accepted.detach()
+        handed = HandedSocket(fd, socket.AF_INET)
+        protocol, failures = Recorder(), []
+        adoption = loop.connect_accepted_socket(protocol, handed)
+
+        waiter = step_adoption(adoption, fd, protocol, lambda *failure: failures.append(failure))
+        # The transport exists; connection_made is the loop's next turn.
+        assert isinstance(waiter, asyncio.Future) and not waiter.done()
+        client.sendall(b"hello")
+        loop.run_until_complete(asyncio.sleep(0))
+        assert waiter.done()
+        assert step_adoption(adoption, fd, protocol, failures.append) is None  # it has ended
+        loop.run_until_complete(wait_until_async(lambda: protocol.received == b"hello",
+                                                 message="the client's bytes"))
+        assert failures == []
+
+        # The transport owns the fd: closing it closes the connection.
+        protocol.transport.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert client.recv(1) == b""
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_an_fd_uvloop_cannot_adopt_goes_to_the_failure_callback(loop):
+    read_end, write_end = os.pipe()
+    try:
+        protocol, failures = Recorder(), []
+        adoption = loop.connect_accepted_socket(protocol, HandedSocket(read_end, socket.AF_INET))
+        assert step_adoption(adoption, read_end, protocol,
+                             lambda *failure: failures.append(failure)) is None
+        [(fd, failed_protocol, exc)] = failures
+        assert (fd, failed_protocol) == (read_end, protocol)
+        assert isinstance(exc, OSError) and exc.errno == errno.ENOTSOCK
+        assert protocol.transport is None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+

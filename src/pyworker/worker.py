@@ -17,6 +17,7 @@ died): in each case it finishes the requests it holds first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import ipaddress
 import logging
@@ -32,7 +33,7 @@ import time
 import uvloop
 
 from cydispatch import cluster, logs
-from cydispatch._dispatch import WorkerChannel, WorkerState
+from cydispatch._dispatch import HandedSocket, WorkerChannel, WorkerState, step_adoption
 from cydispatch.listener import ListenError, bind, resolve
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
 from pyworker.app import HelloApp
@@ -84,31 +85,6 @@ def descriptor_room() -> int:
     return max(1, soft - in_use - reserve)
 
 
-class HandedConnection:
-    """What uvloop's connect_accepted_socket needs of a handed fd, and no more.
-
-    uvloop reads `family`, `type` and `fileno()`, and calls `close()` on an
-    object that is not a socket.socket once libuv has closed the fd itself.
-    A real socket.socket costs about 3 us more per connection (measured):
-    building it, and converting family and type to enums on every read.
-    uvloop reads all but close() during the coroutine's first step, so one
-    object serves every connection, its `fd` set before each (adopt_all).
-    """
-
-    __slots__ = ("fd", "family")
-    type = socket.SOCK_STREAM
-
-    def __init__(self, fd: int, family: socket.AddressFamily) -> None:
-        self.fd = fd
-        self.family = family
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        pass  # the transport owns the fd and has closed it
-
-
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -118,7 +94,7 @@ class Worker:
         # does it); the baseline modes when uvloop has accepted it.
         self.count_on_open = self.settings.mode != "dispatch"
         self.family, self.sockaddr = resolve(self.settings.host, self.settings.port)
-        self.handed = HandedConnection(-1, self.family)
+        self.handed = HandedSocket(-1, self.family)
         self.draining = False
         # A stopping primary may still hand a draining worker the rest of
         # its backlog; the worker exits once it says nothing more follows.
@@ -175,7 +151,7 @@ class Worker:
     def serve_builtin_app(self):
         """A factory of protocols that serve the built-in app."""
         app = HelloApp()
-        return lambda queued_at=None: HttpProtocol(self, app, queued_at)
+        return functools.partial(HttpProtocol, self, app)
 
     def serve_user_app(self):
         """Load APP; a factory of protocols that serve it (raises AppLoadError)."""
@@ -192,7 +168,7 @@ class Worker:
         config = AsgiConfig(app, self.settings, self.proxy_trust, state,
                             native=interface == "asgi", local=self.listening_address())
         log.debug("Worker %d serves %s (%s)", os.getpid(), self.settings.app, interface)
-        return lambda queued_at=None: AsgiProtocol(self, config, queued_at)
+        return functools.partial(AsgiProtocol, self, config)
 
     def read_proxy_header_first(self, serve):
         """A factory of protocols that read a PROXY header, then hand over to `serve`'s.
@@ -202,7 +178,7 @@ class Worker:
         """
         from pyworker.proxy_protocol import ProxyHeaderReader
         trust = self.proxy_trust
-        return lambda queued_at=None: ProxyHeaderReader(self, serve, trust, queued_at)
+        return functools.partial(ProxyHeaderReader, self, serve, trust)
 
     def run(self) -> int:
         spec = self.spec
@@ -303,7 +279,8 @@ class Worker:
         self.pull_due = False
         if self.channel.fileno() < 0:
             return      # the primary went away; a pull was still due
-        fds, stop, final, closed = self.channel.receive(within_hand=True)
+        channel = self.channel
+        fds, stop, final, closed = channel.receive(True)    # within the hand
         if fds:
             self.adopt_all(fds)
         if closed:
@@ -317,13 +294,14 @@ class Worker:
             return
         # Level-triggered: with the hand full, what waits would wake the
         # loop at every turn.  Leave it to the primary until there is room.
-        if self.channel.hand_full == self.channel_watched:
+        if channel.hand_full == self.channel_watched:
             if self.channel_watched:
-                self.loop.remove_reader(self.channel.fileno())
+                self.loop.remove_reader(channel.fileno())
             else:
-                self.loop.add_reader(self.channel.fileno(), self.on_channel_readable)
+                self.loop.add_reader(channel.fileno(), self.on_channel_readable)
             self.channel_watched = not self.channel_watched
-        self.retry_report()
+        if channel.backlogged:
+            self.retry_report()
         if final:
             self.nothing_follows = True
         if stop or final:
@@ -359,17 +337,21 @@ class Worker:
         run as a task, and what reuseport's accept in C never pays is kept
         off the path: a task per connection, a callback on each one's
         future, a closure for its protocol factory (the protocol is its own,
-        ConnectionProtocol) and an object for its fd (one HandedConnection,
-        read only while the first step runs).
+        ConnectionProtocol), an object for its fd (one HandedSocket, read
+        only while the first step runs) and a Python frame per step
+        (step_adoption is compiled, and catches no StopIteration).
         """
         handed = self.handed
         ticks = self.ticks
+        new_connection = self.new_connection
+        open_handed = self.open_handed
+        failed = self.adopt_failed
         opening = []
         for fd in fds:
-            protocol = self.new_connection(ticks)
+            protocol = new_connection(ticks)
             handed.fd = fd
-            coroutine = self.open_handed(protocol, handed)
-            waiter = self.step(coroutine, fd, protocol)
+            coroutine = open_handed(protocol, handed)
+            waiter = step_adoption(coroutine, fd, protocol, failed)
             if waiter is not None:
                 opening.append((coroutine, waiter, fd, protocol))
         if opening:
@@ -378,8 +360,12 @@ class Worker:
             self.loop.call_soon(self.adopted_all, opening)
 
     def adopted_all(self, opening: list) -> None:
+        failed = self.adopt_failed
         for coroutine, waiter, fd, protocol in opening:
-            self.resume(coroutine, waiter, fd, protocol)
+            if waiter.done():   # always, without TLS: the second step ends it
+                waiter = step_adoption(coroutine, fd, protocol, failed)
+            if waiter is not None:
+                self.resume(coroutine, waiter, fd, protocol)
 
     def resume(self, coroutine, waiter, fd: int, protocol) -> None:
         """Step an adoption on whenever what it waits for is done, to its end.
@@ -388,19 +374,9 @@ class Worker:
         handshake, behind --proxy-protocol for the header's bytes first.
         """
         while waiter is not None and waiter.done():
-            waiter = self.step(coroutine, fd, protocol)
+            waiter = step_adoption(coroutine, fd, protocol, self.adopt_failed)
         if waiter is not None:
             waiter.add_done_callback(lambda _: self.resume(coroutine, waiter, fd, protocol))
-
-    def step(self, coroutine, fd: int, protocol):
-        """One step of an adoption: the future it waits for next; None once it has ended."""
-        try:
-            return coroutine.send(None)
-        except StopIteration:
-            return None
-        except Exception as exc:
-            self.adopt_failed(fd, protocol, exc)
-            return None
 
     def handshake_timeout(self) -> float | None:
         """A TLS handshake that has not ended by then is aborted; None without TLS."""
@@ -411,7 +387,7 @@ class Worker:
         # handshake, so this is a backstop for a client that never finishes.
         return self.settings.header_timeout
 
-    async def open_proxied_tls(self, protocol, handed: HandedConnection) -> None:
+    async def open_proxied_tls(self, protocol, handed: HandedSocket) -> None:
         """open_tls behind --proxy-protocol: the PROXY header first, off the socket.
 
         It precedes the TLS hello on the wire, so it is read before uvloop
@@ -438,9 +414,9 @@ class Worker:
             self.never_opened(protocol)
             return
         await self.open_tls(HandOnWithClient(protocol, header),
-                            HandedConnection(fd, self.family), protocol)
+                            HandedSocket(fd, self.family), protocol)
 
-    async def open_tls(self, protocol_factory, handed: HandedConnection,
+    async def open_tls(self, protocol_factory, handed: HandedSocket,
                        protocol=None) -> None:
         """connect_accepted_socket with TLS, stepped by adopt_all() like the plain one.
 
@@ -516,9 +492,6 @@ class Worker:
     def dequeued(self, protocol) -> None:
         """The worker reached `protocol`'s request (or gave up on it): off its queue."""
         protocol.queued_at = None
-        self.dequeue()
-
-    def dequeue(self) -> None:
         self.channel.dequeue()
         if not self.channel_watched and not self.pull_due and self.channel.fileno() >= 0:
             # Room in hand: take the next from the channel, after the
