@@ -1401,6 +1401,7 @@ cdef class WorkerChannel:
         uint64_t lost_total
         HandoffControl control
         bint busy_held          # hold_busy(): begin/end leave the stamp alone
+        uint32_t request_mark   # when the request being answered began (observe_since_begin)
         uint32_t in_hand        # received, not reached yet (see hand_full)
 
     def __cinit__(self, int fd, int load_fd=-1):
@@ -1454,9 +1455,16 @@ cdef class WorkerChannel:
         self._observe(<uint64_t>(seconds * 1e6) if seconds > 0 else 0)
 
     def observe_since_begin(self):
-        """A request was answered within this callback: count the time since begin()."""
-        cdef uint32_t since = atomic_load_u32(&self.page.busy_since)
-        self._observe(<uint32_t>(clock_us() - since) if since else 0)
+        """A request was answered within this callback: count its time.
+
+        That is the time since begin(), or, for a request pipelined behind
+        another in the same read, since the one before it was answered: its
+        time is its own, not the sum of those answered ahead of it.
+        """
+        cdef uint32_t now = clock_us()
+        cdef uint32_t since = self.request_mark
+        self.request_mark = now
+        self._observe(<uint32_t>(now - since) if since else 0)
 
     cdef void _observe(self, uint64_t micros) noexcept:
         # Most requests fall in the first few buckets: a scan from the
@@ -1523,8 +1531,10 @@ cdef class WorkerChannel:
         return limit != 0 and self.in_hand >= limit
 
     cdef inline void _begin(self) noexcept:
+        cdef uint32_t now = clock_us()
+        self.request_mark = now
         if not self.busy_held:
-            atomic_store_u32(&self.page.busy_since, clock_us())
+            atomic_store_u32(&self.page.busy_since, now)
 
     cdef inline void _end(self) noexcept:
         if not self.busy_held:

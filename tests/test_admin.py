@@ -144,6 +144,21 @@ def test_builtin_app_requests_are_timed_too(start_server):
     assert seen["le=0.25"] == 6 and seen["sum"] < 6 * 0.25
 
 
+def test_pipelined_builtin_requests_are_timed_each_on_its_own(start_server):
+    # Both arrive in one read: the quick one's time must not include the
+    # slow one answered ahead of it.
+    server = start_server("--admin", "127.0.0.1:0")
+    with Connection(server.host, server.port) as client:
+        client.send(b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\n"
+                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.response().status == 200
+        assert client.response().status == 200
+    seen = wait_until(lambda: (h := durations(server)) and h["count"] == 2 and h,
+                      message="2 requests in the histogram")
+    assert seen["le=0.25"] == 1
+    assert 0.3 <= seen["sum"] < 0.3 + 0.25
+
+
 @pytest.mark.parametrize("mode", ["reuseport", "shared"])
 def test_metrics_in_the_baseline_modes_have_no_primary_counters(start_server, mode):
     server = start_server("--mode", mode, "--admin", "127.0.0.1:0")
