@@ -1686,7 +1686,6 @@ cdef PySendResult send_stamped(PyObject *steps, PyObject *value,
     return status
 
 
-
 cdef int error_is_set() except -1:
     return -1   # tells Cython to raise the exception already set
 
@@ -1705,7 +1704,8 @@ def step_adoption(coroutine, fd, protocol, failed):
 
     Worker.adopt_all steps uvloop's connect_accepted_socket through this
     once or twice per connection, by hand.  An exception it raises goes to
-    failed(fd, protocol, exc), and the adoption has ended.  Through
+    failed(fd, protocol, exc), and the adoption has ended.  The coroutine
+    must yield futures only: a bare `yield` (None) would read as its end.  Through
     PyIter_Send the coroutine's end is a return value: no StopIteration is
     made and caught, and no Python frame runs.
     """
@@ -1798,4 +1798,3 @@ cdef class HandedSocket:
 
     def close(self):
         pass    # the transport owns the fd and has closed it
-

@@ -83,6 +83,8 @@ def dispatch_server():
 
 
 APPS = str(Path(__file__).parent / "apps")
+# What `--admin` logs once its endpoint listens: (host, port).
+ADMIN_LINE = r"Admin endpoint on http://([\d.]+):(\d+) "
 
 
 @contextlib.contextmanager

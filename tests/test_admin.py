@@ -14,11 +14,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import APPS, CYDISPATCH, Server
+from conftest import ADMIN_LINE, APPS, CYDISPATCH, Server
 from http_client import Connection, get
 from waiting import wait_until
 
-ADMIN_LINE = r"Admin endpoint on http://([\d.]+):(\d+) "
 
 
 def admin_url(server: Server) -> str:
@@ -155,8 +154,7 @@ def test_pipelined_builtin_requests_are_timed_each_on_its_own(start_server):
         assert client.response().status == 200
     seen = wait_until(lambda: (h := durations(server)) and h["count"] == 2 and h,
                       message="2 requests in the histogram")
-    assert seen["le=0.25"] == 1
-    assert 0.3 <= seen["sum"] < 0.3 + 0.25
+    assert seen["le=0.25"] == 1 and seen["sum"] >= 0.3
 
 
 @pytest.mark.parametrize("mode", ["reuseport", "shared"])

@@ -15,7 +15,9 @@ import resource
 import select
 import signal
 import socket
+import sys
 import time
+import types
 
 import pytest
 import uvloop
@@ -606,7 +608,8 @@ def test_a_handed_connection_is_adopted_in_two_steps(loop):
         client.sendall(b"hello")
         loop.run_until_complete(asyncio.sleep(0))
         assert waiter.done()
-        assert step_adoption(adoption, fd, protocol, failures.append) is None  # it has ended
+        assert step_adoption(adoption, fd, protocol,
+                             lambda *failure: failures.append(failure)) is None  # ended
         loop.run_until_complete(wait_until_async(lambda: protocol.received == b"hello",
                                                  message="the client's bytes"))
         assert failures == []
@@ -634,3 +637,21 @@ def test_an_fd_uvloop_cannot_adopt_goes_to_the_failure_callback(loop):
         os.close(read_end)
         os.close(write_end)
 
+
+def test_stepping_by_hand_keeps_no_reference_and_swallows_no_interrupt():
+    waited_on = object()
+
+    @types.coroutine
+    def adoption():
+        yield waited_on
+        raise KeyboardInterrupt
+
+    failures = []
+    references = sys.getrefcount(waited_on)
+    coroutine = adoption()
+    assert step_adoption(coroutine, 7, None, lambda *f: failures.append(f)) is waited_on
+    assert sys.getrefcount(waited_on) == references     # the step's reference was given back
+    # Only an Exception is an adoption's failure: an interrupt goes on up.
+    with pytest.raises(KeyboardInterrupt):
+        step_adoption(coroutine, 7, None, lambda *f: failures.append(f))
+    assert failures == []

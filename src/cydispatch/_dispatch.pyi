@@ -90,7 +90,8 @@ class WorkerChannel:
     def observe(self, seconds: float) -> None:
         """Count a request answered in `seconds` in the duration histogram."""
     def observe_since_begin(self) -> None:
-        """Count a request answered within this callback: the time since begin()."""
+        """Count a request answered within this callback: the time since begin(),
+        or since the request before it in the same read was answered."""
     def opened(self) -> None: ...
     def closed(self) -> None: ...
     def dequeue(self) -> None: ...

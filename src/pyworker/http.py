@@ -262,7 +262,8 @@ class HttpProtocol(ConnectionProtocol):
         self.served += 1
         server = self.server
         server.requests += 1
-        # Served within this callback: its time is the time since begin().
+        # Served within this callback: its time is the time since begin(), or
+        # since the request before it in the same read was answered.
         server.observe_since_begin()
         if not keep_alive:
             self.close()

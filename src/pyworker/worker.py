@@ -360,6 +360,7 @@ class Worker:
             self.loop.call_soon(self.adopted_all, opening)
 
     def adopted_all(self, opening: list) -> None:
+        """The second steps of a batch's adoptions, once its connection_made callbacks have run."""
         failed = self.adopt_failed
         for coroutine, waiter, fd, protocol in opening:
             if waiter.done():   # always, without TLS: the second step ends it
@@ -370,7 +371,7 @@ class Worker:
     def resume(self, coroutine, waiter, fd: int, protocol) -> None:
         """Step an adoption on whenever what it waits for is done, to its end.
 
-        A plain one ends at its second step; with TLS it waits for the
+        A plain one has ended in adopted_all; one with TLS waits here for the
         handshake, behind --proxy-protocol for the header's bytes first.
         """
         while waiter is not None and waiter.done():
