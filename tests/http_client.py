@@ -99,6 +99,28 @@ class Connection:
             return True
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sent until it closed the connection.
+
+    A reset ends it too (the server closed with bytes of ours unread, so the
+    kernel reset): what came before it is returned.
+    """
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def body_of(response: bytes) -> bytes:
+    """The body of a whole response read off a socket, which must be a 200."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), response
+    return body
+
+
 def get(host: str, port: int, path: str = "/", **kwargs) -> Response:
     """One request on a new connection."""
     with Connection(host, port) as conn:

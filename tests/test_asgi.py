@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from http_client import Connection
+from http_client import Connection, read_until_closed
 from conftest import APPS, app_server, serving
 from waiting import wait_until
 
@@ -46,21 +46,11 @@ def request(server, path: str, method: str = "GET", headers: dict | None = None,
         return conn.response(head=method == "HEAD")
 
 
-def read_until_closed(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
 def raw(server, data: bytes) -> bytes:
     """Send bytes, read everything until the server closes."""
     with socket.create_connection((server.host, server.port), timeout=30) as sock:
         sock.sendall(data)
-        try:
-            return read_until_closed(sock)
-        except ConnectionResetError:
-            return b"<reset>"
+        return read_until_closed(sock)
 
 
 # FastAPI

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPS, Server, free_port
+from conftest import ADMIN_LINE, APPS, Server, free_port
+from http_client import body_of, read_until_closed
 from cydispatch.bench.server import ServerProcess
 from load_client import LoadClient, failures, summary
 from waiting import wait_until
@@ -26,7 +27,6 @@ HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/us
 CONFIG = Path(__file__).parent.parent / "deploy" / "haproxy.cfg"
 # Loopback addresses the clients connect from, one per load thread.
 SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
-ADMIN_LINE = r"Admin endpoint on http://([\d.]+):(\d+) "
 
 pytestmark = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)")
@@ -109,12 +109,7 @@ def get_from(address: tuple[str, int], path: str, source: str) -> bytes:
     """A GET from `source`; the body of its 200 answer."""
     with socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
-        response = b""
-        while chunk := sock.recv(65536):
-            response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), response
-    return body
+        return body_of(read_until_closed(sock))
 
 
 def test_the_app_sees_each_clients_own_address(cluster):

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import APPS, Server
+from http_client import body_of, read_until_closed
 from pyworker.proxy_protocol import ProxyHeader, ProxyHeaderError, parse_header
 from waiting import wait_until
 
@@ -59,22 +60,6 @@ def exchange(server, data: bytes, source: str = "127.0.0.1", timeout: float = 30
                                   source_address=(source, 0)) as sock:
         sock.sendall(data)
         return read_until_closed(sock)
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    received = b""
-    try:
-        while chunk := sock.recv(65536):
-            received += chunk
-    except ConnectionResetError:
-        pass    # closed with our bytes unread: the kernel resets
-    return received
-
-
-def body_of(response: bytes) -> bytes:
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), response
-    return body
 
 
 def client_seen(server, header: bytes) -> str:

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from test_proxy_protocol import CLOSED, read_until_closed, v1, v2
+from http_client import body_of, read_until_closed
+from test_proxy_protocol import CLOSED, v1, v2
 from test_tls import (  # noqa: F401  (certs is a fixture)
     APPS, certs, client_context, held_connections, serving)
 from waiting import wait_until
@@ -73,12 +74,6 @@ def proxied_tls_request(server, context: ssl.SSLContext, header: bytes,
             if not chunk:
                 return answer
             answer += chunk
-
-
-def body_of(answer: bytes) -> bytes:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), answer
-    return body
 
 
 @pytest.fixture(scope="module")

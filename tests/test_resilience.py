@@ -18,7 +18,7 @@ import pytest
 from conftest import APPS
 from http_client import Connection, get
 from load_client import LoadClient, failures, summary
-from observe import alive, busy_worker, listen_queue, processes_in_group
+from observe import alive, listen_queue, processes_in_group
 from cydispatch.bench.server import STARTED, ServerFailed
 from waiting import DEADLINE, wait_until
 

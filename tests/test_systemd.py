@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import CYDISPATCH, Server, free_port
+from conftest import CYDISPATCH, free_port
 from http_client import Connection, get
 from observe import distinct_workers_answer
 from waiting import wait_until

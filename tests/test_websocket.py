@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import socket
-from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import app_server
+from conftest import APPS, app_server
+from http_client import read_until_closed
 from waiting import wait_until
 
-APPS = str(Path(__file__).parent / "apps")
 TIMEOUT = 30
 
 
@@ -144,9 +143,7 @@ def test_wsgi_app_answers_an_upgrade_as_plain_http(start_server):
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                      b"Sec-WebSocket-Version: 13\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_until_closed(sock)
     assert data.startswith(b"HTTP/1.1 200 ") and b"Hello from Worker" in data
 
 
@@ -176,9 +173,7 @@ def test_a_bad_handshake_is_refused_without_bothering_the_app(edge, bad, status)
     app_errors = len(edge.find("exception in the application"))
     with socket.create_connection((edge.host, edge.port), timeout=TIMEOUT) as sock:
         sock.sendall(HANDSHAKE.replace(bad, status))
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_until_closed(sock)
     assert data.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 426 ")), data
     assert len(edge.find("exception in the application")) == app_errors
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from http_client import Connection
+from http_client import Connection, read_until_closed
 
 APPS = str(Path(__file__).parent / "apps")
 
@@ -67,9 +67,7 @@ def test_flask_streamed_response_is_chunked(flask_server):
     with socket.create_connection((flask_server.host, flask_server.port), timeout=30) as sock:
         sock.sendall(b"GET /stream?chunks=4&size=2 HTTP/1.1\r\nHost: t\r\n"
                      b"Connection: close\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_until_closed(sock)
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"Transfer-Encoding: chunked" in head
     assert body == b"2\r\n00\r\n2\r\n11\r\n2\r\n22\r\n2\r\n33\r\n0\r\n\r\n"
