@@ -1705,9 +1705,9 @@ def step_adoption(coroutine, fd, protocol, failed):
     Worker.adopt_all steps uvloop's connect_accepted_socket through this
     once or twice per connection, by hand.  An exception it raises goes to
     failed(fd, protocol, exc), and the adoption has ended.  The coroutine
-    must yield futures only: a bare `yield` (None) would read as its end.  Through
-    PyIter_Send the coroutine's end is a return value: no StopIteration is
-    made and caught, and no Python frame runs.
+    must yield futures only: a bare `yield` (None) would read as its end.
+    Through PyIter_Send the coroutine's end is a return value: no
+    StopIteration is made and caught, and no Python frame runs.
     """
     cdef PyObject *result = NULL
     cdef PySendResult status = PyIter_Send(coroutine, None, &result)
@@ -1716,6 +1716,7 @@ def step_adoption(coroutine, fd, protocol, failed):
     value = <object>result
     Py_XDECREF(result)
     return value if status == PYGEN_NEXT else None
+
 
 @cython.final
 cdef class StampedSteps:

@@ -277,9 +277,9 @@ class Worker:
 
     def on_channel_readable(self) -> None:
         self.pull_due = False
-        if self.channel.fileno() < 0:
-            return      # the primary went away; a pull was still due
         channel = self.channel
+        if channel.fileno() < 0:
+            return      # the primary went away; a pull was still due
         fds, stop, final, closed = channel.receive(True)    # within the hand
         if fds:
             self.adopt_all(fds)
