@@ -16,7 +16,8 @@ mark, so a slow reader cannot make the worker buffer a large response.
 Framing is decided here, not by the app: a response without Content-Length is
 sent chunked (or, to an HTTP/1.0 client, delimited by closing); a response to
 HEAD carries no body; header names and values are checked so that an app
-cannot split a response.
+cannot split a response.  The head itself is rendered by the compiled
+pyworker.response_head.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import asyncio
 import collections
 import contextvars
 import logging
-import re
 import sys
 from time import monotonic
 from urllib.parse import unquote
@@ -33,11 +33,12 @@ from urllib.parse import unquote
 import httptools
 
 from pyworker.flow import WriteFlow
+from pyworker.response_head import build_head
 from pyworker.websocket import (
     WebSocketSession, handshake_bytes, is_websocket_upgrade, websocket_scope,
 )
 from pyworker.http import (
-    ConnectionProtocol, MAX_HEAD_BYTES, KEEP_ALIVE_HEADER, SERVER_HEADER, STATUS_LINES, RequestRejected,
+    ConnectionProtocol, MAX_HEAD_BYTES, RequestRejected,
 )
 
 log = logging.getLogger("cydispatch.worker")
@@ -67,37 +68,6 @@ NOTED_HEADERS = {b"x-forwarded-for": NOTED_FORWARDED, b"x-forwarded-proto": NOTE
                  # llhttp reads Proxy-Connection as it reads Connection.
                  b"connection": NOTED_CONNECTION, b"proxy-connection": NOTED_CONNECTION}
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
-# RFC 9110 token characters for names; values may not hold CR, LF or NUL.
-INVALID_HEADER_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
-INVALID_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-# The Content-Length lines of small bodies, made once: formatting one costs
-# more than the rest of a header.
-CONTENT_LENGTH_LINES = tuple(b"Content-Length: %d\r\n" % length for length in range(1024))
-# The last lines of a head, by (HTTP/1.1 request?, keep the connection?).
-END_OF_HEAD = {key: line + b"\r\n" for key, line in KEEP_ALIVE_HEADER.items()}
-# Response headers by what build_head does with them.
-HEADER_PLAIN, HEADER_LENGTH, HEADER_FRAMING, HEADER_CONNECTION, HEADER_SERVER, HEADER_DATE = (
-    "plain", "length", "framing", "connection", "server", "date")
-HEADER_KINDS = {b"content-length": HEADER_LENGTH, b"transfer-encoding": HEADER_FRAMING,
-                b"connection": HEADER_CONNECTION, b"server": HEADER_SERVER,
-                b"date": HEADER_DATE}
-# Apps send the same headers again and again: each (name, value) is checked
-# and rendered once, up to this many kept.
-HEADER_LINES: dict[tuple[bytes, bytes], tuple[bytes, str]] = {}
-HEADER_LINES_KEPT = 512
-
-
-def header_line(name: bytes, value: bytes) -> tuple[bytes, str]:
-    """(the header's line, its kind); RuntimeError for one that could split a response."""
-    if INVALID_HEADER_NAME.search(name) or INVALID_HEADER_VALUE.search(value) or not name:
-        raise RuntimeError(f"invalid response header {name!r}: {value!r}")
-    known = (b"%b: %b\r\n" % (name, value), HEADER_KINDS.get(name.lower(), HEADER_PLAIN))
-    if len(HEADER_LINES) >= HEADER_LINES_KEPT:
-        HEADER_LINES.clear()
-    HEADER_LINES[name, value] = known
-    return known
 
 
 class ClientDisconnected(OSError):
@@ -239,7 +209,7 @@ class RequestCycle:
             raise ClientDisconnected("the client has gone")
         body = message.get("body", b"")
         more_body = message.get("more_body", False)
-        data = b"" if self.head_sent else self.build_head(body, more_body)
+        data = b"" if self.head_sent else build_head(self, body, more_body)
         if self.head or self.status in NO_BODY_STATUSES:
             pass
         elif self.chunked:
@@ -270,63 +240,6 @@ class RequestCycle:
             await protocol.writes.drain()
             if self.disconnected:
                 raise ClientDisconnected("the client has gone")
-
-    def build_head(self, body: bytes, more_body: bool) -> bytes:
-        """Status line and headers, written together with the first body chunk."""
-        protocol = self.protocol
-        if not isinstance(self.status, int) or not 200 <= self.status <= 999:
-            # 1xx answers are not final: a client would wait for another.
-            raise RuntimeError(f"invalid response status {self.status!r}")
-        if protocol.queued_at is not None:
-            # Off the worker's queue before the answer goes out: the client
-            # may open its next connection before this worker runs again.
-            protocol.server.dequeued(protocol)
-        lines = [STATUS_LINES.get(self.status) or b"HTTP/1.1 %d \r\n" % self.status]
-        has_server = has_date = False
-        for name, value in self.headers:
-            known = HEADER_LINES.get((name, value))
-            if known is None:
-                known = header_line(name, value)
-            line, kind = known
-            if kind is HEADER_PLAIN:
-                lines.append(line)
-            elif kind is HEADER_LENGTH:
-                if not value.isdigit():     # int() would take "+5", "1_0", " 5"
-                    raise RuntimeError(f"invalid Content-Length {value!r}")
-                self.content_length = int(value)
-                lines.append(line)
-            elif kind is HEADER_CONNECTION:
-                # Written below, once.
-                if value.lower() == b"close":
-                    self.keep_alive = False
-            elif kind is HEADER_SERVER:
-                has_server = True
-                lines.append(line)
-            elif kind is HEADER_DATE:
-                has_date = True
-                lines.append(line)
-            # HEADER_FRAMING (Transfer-Encoding): framing is ours to decide.
-        if not has_server:
-            lines.append(SERVER_HEADER)
-        if not has_date:
-            lines.append(protocol.server.responses.date_header)
-        if self.content_length is None and self.status not in NO_BODY_STATUSES:
-            if not more_body and (body or not self.head):
-                # For HEAD, the length the GET answer would have.
-                self.content_length = length = len(body)
-                lines.append(CONTENT_LENGTH_LINES[length] if length < len(CONTENT_LENGTH_LINES)
-                             else b"Content-Length: %d\r\n" % length)
-            elif self.head:
-                pass    # nothing follows, and its length is unknown
-            elif self.http11:
-                self.chunked = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                self.keep_alive = False     # HTTP/1.0: the end is the close
-        if protocol.close_after:
-            self.keep_alive = False
-        lines.append(END_OF_HEAD[self.http11, self.keep_alive])
-        return b"".join(lines)
 
     # The request's task
 
