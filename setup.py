@@ -2,8 +2,10 @@
 
 - cydispatch._dispatch, from src/dispatch.pyx: the primary's accept loop and
   both ends of the fd handoff.
-- pyworker.response_head: a worker's response heads (status line, headers,
-  framing), compiled because they cost an eighth of a request in Python.
+- pyworker.asgi, from src/pyworker/asgi.py and the declarations in
+  src/pyworker/asgi.pxd: a worker's HTTP connections and requests for ASGI
+  apps, compiled because the interpreter's dispatch and attribute lookups
+  were most of what a request cost there.  The .py stays plain Python.
 """
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -16,8 +18,8 @@ extensions = [
         extra_compile_args=["-O2"],
     ),
     Extension(
-        "pyworker.response_head",
-        ["src/pyworker/response_head.pyx"],
+        "pyworker.asgi",
+        ["src/pyworker/asgi.py"],
         extra_compile_args=["-O2"],
     ),
 ]

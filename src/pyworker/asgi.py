@@ -1,3 +1,6 @@
+# cython: annotation_typing=False, nonecheck=True
+# (Compiled: annotations stay documentation, and a field read through None
+# raises AttributeError, as in Python, instead of crashing the worker.)
 """ASGI 3 over HTTP/1.1 on httptools: one AsgiProtocol per connection, one RequestCycle per request.
 
 The parser's callbacks build each request's scope; the request runs as a task
@@ -16,8 +19,16 @@ mark, so a slow reader cannot make the worker buffer a large response.
 Framing is decided here, not by the app: a response without Content-Length is
 sent chunked (or, to an HTTP/1.0 client, delimited by closing); a response to
 HEAD carries no body; header names and values are checked so that an app
-cannot split a response.  The head itself is rendered by the compiled
-pyworker.response_head.
+cannot split a response.
+
+This module is compiled by Cython (setup.py), with asgi.pxd making the
+connection, its requests and the shared settings extension types: their
+fields are C struct members and the calls between them C calls.  In the
+interpreter a keep-alive request of a raw ASGI app cost 74k instructions,
+compiled 59k (bench/request_instructions.py).  The source stays plain
+Python.  A method asgi.pxd declares `cdef` can only be called through a
+variable Cython knows to be of its class (`self`, a typed field): called on
+an untyped one it would be looked up as a Python attribute and not found.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import asyncio
 import collections
 import contextvars
 import logging
+import re
 import sys
 from time import monotonic
 from urllib.parse import unquote
@@ -33,12 +45,11 @@ from urllib.parse import unquote
 import httptools
 
 from pyworker.flow import WriteFlow
-from pyworker.response_head import build_head
 from pyworker.websocket import (
     WebSocketSession, handshake_bytes, is_websocket_upgrade, websocket_scope,
 )
 from pyworker.http import (
-    ConnectionProtocol, MAX_HEAD_BYTES, RequestRejected,
+    KEEP_ALIVE_HEADER, MAX_HEAD_BYTES, SERVER_HEADER, STATUS_LINES, RequestRejected,
 )
 
 log = logging.getLogger("cydispatch.worker")
@@ -70,6 +81,37 @@ NOTED_HEADERS = {b"x-forwarded-for": NOTED_FORWARDED, b"x-forwarded-proto": NOTE
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
+# RFC 9110 token characters for names; values may not hold CR, LF or NUL.
+INVALID_HEADER_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+INVALID_HEADER_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The Content-Length lines of small bodies, made once: formatting one costs
+# more than the rest of a header.
+CONTENT_LENGTH_LINES = tuple(b"Content-Length: %d\r\n" % length for length in range(1024))
+# The last lines of a head, by (HTTP/1.1 request?, keep the connection?).
+END_OF_HEAD = {key: line + b"\r\n" for key, line in KEEP_ALIVE_HEADER.items()}
+CHUNKED_HEADER = b"Transfer-Encoding: chunked\r\n"
+# Response headers by what build_head does with them.
+HEADER_PLAIN, HEADER_LENGTH, HEADER_FRAMING, HEADER_CONNECTION, HEADER_SERVER, HEADER_DATE = range(6)
+HEADER_KINDS = {b"content-length": HEADER_LENGTH, b"transfer-encoding": HEADER_FRAMING,
+                b"connection": HEADER_CONNECTION, b"server": HEADER_SERVER,
+                b"date": HEADER_DATE}
+# Apps send the same headers again and again: each (name, value) is checked
+# and rendered once, up to this many kept.
+HEADER_LINES: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
+HEADER_LINES_KEPT = 512
+
+
+def header_line(name: bytes, value: bytes) -> tuple[bytes, int]:
+    """(the header's line, its kind); RuntimeError for one that could split a response."""
+    if INVALID_HEADER_NAME.search(name) or INVALID_HEADER_VALUE.search(value) or not name:
+        raise RuntimeError(f"invalid response header {name!r}: {value!r}")
+    known = (b"%b: %b\r\n" % (name, value), HEADER_KINDS.get(name.lower(), HEADER_PLAIN))
+    if len(HEADER_LINES) >= HEADER_LINES_KEPT:
+        HEADER_LINES.clear()
+    HEADER_LINES[name, value] = known
+    return known
+
+
 class ClientDisconnected(OSError):
     """send() after the client went away (ASGI spec 2.4: an OSError subclass)."""
 
@@ -98,12 +140,6 @@ class AsgiConfig:
 class RequestCycle:
     """One request: its scope, its body as it arrives, and the response's state."""
 
-    __slots__ = (
-        "protocol", "scope", "body", "body_size", "body_complete", "body_delivered",
-        "discarded", "expect_continue", "waiter", "disconnected", "keep_alive",
-        "response_started", "response_complete", "status", "headers", "chunked",
-        "content_length", "sent_bytes", "head", "head_sent", "response_bytes", "http11",
-    )
 
     def __init__(self, protocol: AsgiProtocol, scope: dict, keep_alive: bool,
                  expect_continue: bool, http11: bool) -> None:
@@ -209,7 +245,7 @@ class RequestCycle:
             raise ClientDisconnected("the client has gone")
         body = message.get("body", b"")
         more_body = message.get("more_body", False)
-        data = b"" if self.head_sent else build_head(self, body, more_body)
+        data = b"" if self.head_sent else self.build_head(body, more_body)
         if self.head or self.status in NO_BODY_STATUSES:
             pass
         elif self.chunked:
@@ -240,6 +276,65 @@ class RequestCycle:
             await protocol.writes.drain()
             if self.disconnected:
                 raise ClientDisconnected("the client has gone")
+
+    def build_head(self, body, more_body: bool) -> bytes:
+        """Status line and headers, written with the first body chunk; the framing decided."""
+        status = self.status
+        if not isinstance(status, int) or not 200 <= status <= 999:
+            # 1xx answers are not final: a client would wait for another.
+            raise RuntimeError(f"invalid response status {status!r}")
+        protocol = self.protocol
+        if protocol.queued_at is not None:
+            # Off the worker's queue before the answer goes out: the client
+            # may open its next connection before this worker runs again.
+            protocol.server.dequeued(protocol)
+        lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        has_server = has_date = False
+        for name, value in self.headers:
+            known = HEADER_LINES.get((name, value))
+            if known is None:
+                known = header_line(name, value)
+            line, kind = known
+            if kind == HEADER_PLAIN:
+                lines.append(line)
+            elif kind == HEADER_LENGTH:
+                if not value.isdigit():     # int() would take "+5", "1_0", " 5"
+                    raise RuntimeError(f"invalid Content-Length {value!r}")
+                self.content_length = int(value)
+                lines.append(line)
+            elif kind == HEADER_CONNECTION:
+                # Written below, once.
+                if value.lower() == b"close":
+                    self.keep_alive = False
+            elif kind == HEADER_SERVER:
+                has_server = True
+                lines.append(line)
+            elif kind == HEADER_DATE:
+                has_date = True
+                lines.append(line)
+            # HEADER_FRAMING (Transfer-Encoding): framing is ours to decide.
+        if not has_server:
+            lines.append(SERVER_HEADER)
+        if not has_date:
+            lines.append(protocol.server.responses.date_header)
+        if self.content_length is None and status not in NO_BODY_STATUSES:
+            if not more_body and (body or not self.head):
+                # For HEAD, the length the GET answer would have.
+                length = len(body)
+                self.content_length = length
+                lines.append(CONTENT_LENGTH_LINES[length] if length < len(CONTENT_LENGTH_LINES)
+                             else b"Content-Length: %d\r\n" % length)
+            elif self.head:
+                pass    # nothing follows, and its length is unknown
+            elif self.http11:
+                self.chunked = True
+                lines.append(CHUNKED_HEADER)
+            else:
+                self.keep_alive = False     # HTTP/1.0: the end is the close
+        if protocol.close_after:
+            self.keep_alive = False
+        lines.append(END_OF_HEAD[self.http11, self.keep_alive])
+        return b"".join(lines)
 
     # The request's task
 
@@ -314,19 +409,9 @@ class RequestCycle:
                         self.status, self.response_bytes, duration * 1000)
 
 
-class AsgiProtocol(ConnectionProtocol):
+class AsgiProtocol:
     """One HTTP/1.1 connection serving an ASGI app."""
 
-    # Slots, not a dict: beyond 30 attributes an instance dict no longer
-    # shares its keys, and every attribute access slows down (measured: 3%
-    # more instructions per request when three attributes were added).
-    __slots__ = (
-        "server", "config", "loop", "transport", "parser", "client", "local",
-        "trusted_proxy", "scheme", "parsing", "cycle", "cycle_due", "context",
-        "pipeline", "url", "headers", "head_bytes", "noted", "head_seen",
-        "head_since", "last_active", "closing", "close_after", "reading_paused",
-        "writes", "rejected", "served", "queued_at", "websocket", "scope_base",
-    )
 
     def __init__(self, server, config: AsgiConfig, queued_at: int | None = None) -> None:
         self.server = server
@@ -366,6 +451,10 @@ class AsgiProtocol(ConnectionProtocol):
         self.queued_at = queued_at
         self.websocket: tuple[dict, bytes] | None = None   # (scope, handshake) to upgrade
         self.scope_base: dict = {}
+
+    def __call__(self):
+        """Its own factory (see pyworker.http.ConnectionProtocol)."""
+        return self
 
     # asyncio.Protocol
 
@@ -667,7 +756,7 @@ class AsgiProtocol(ConnectionProtocol):
         if self.pipeline:
             # Called from the finished request's task: the next one must not
             # inherit what that one set in its context.
-            self.start(self.pipeline.popleft(), context=self.context.copy())
+            self.start(self.pipeline.popleft(), False, self.context.copy())
         elif self.rejected is not None:
             self.write_error(self.rejected)
             self.close()
