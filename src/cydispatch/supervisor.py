@@ -6,9 +6,9 @@ a signal arrived, a worker became ready, asked to be replaced or went away,
 accepting paused, or a tick passed.  This module does that work and goes back
 into the loop.
 
-A *slot* is a place for one serving worker, with its CPU.  During a reload a
-slot briefly has two workers: the one serving and its successor, which takes
-over once it is ready.  Each live worker has a channel, numbered for the
+A *slot* is a place for one serving worker, with its CPU; which worker serves
+in which slot, and when the next one starts, is kept by cydispatch.slots,
+and this module acts on it.  Each live worker has a channel, numbered for the
 dispatcher; channel numbers are reused once free.
 
 Signals are counted from the wake-up fd, one byte per delivery (Python runs
@@ -18,7 +18,6 @@ would add one worker); the loop dispatches each to a handle_<name> method.
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import os
@@ -33,19 +32,12 @@ from cydispatch._dispatch import DURATION_BOUNDS, Dispatcher, Event
 from cydispatch.listener import ListenError, bind, format_address
 from cydispatch.messages import MessageRouter
 from cydispatch.settings import Settings, auto_queue_depth, available_cpus
+from cydispatch.slots import MAX_BOOT_FAILURES, WorkerProcess, WorkerSlot, WorkerSlots
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
 from cydispatch.systemd import Notifier, inherited_listener
 
 log = logging.getLogger("cydispatch.primary")
 
-# Workers that die before reporting ready this many times in a row, in every
-# slot, mean they cannot start: the primary gives up instead of looping.
-MAX_BOOT_FAILURES = 3
-# Respawns of a slot that keeps dying wait this long, doubling, up to the cap;
-# a worker that lived STABLE_SECONDS resets the count.
-RESPAWN_BACKOFF_FIRST = 0.1
-RESPAWN_BACKOFF_CAP = 10.0
-STABLE_SECONDS = 10.0
 # A worker the watchdog stops gets this long between SIGTERM and SIGKILL.
 WATCHDOG_KILL_GRACE = 3.0
 # Before it is ready a worker is importing and binding, which on a loaded
@@ -60,57 +52,11 @@ TICK_SECONDS = 1.0
 LOAD_PAGE_SIZE = 4096
 
 
-class WorkerProcess:
-    """One live worker process and what the primary knows of it."""
-
-    __slots__ = ("pid", "channel", "slot", "ready", "started_at", "retiring",
-                 "kill_at", "exit_by", "killed")
-
-    def __init__(self, pid: int, channel: int, slot: WorkerSlot) -> None:
-        self.pid = pid
-        self.channel = channel      # its number in the dispatcher
-        self.slot = slot
-        self.ready = False
-        self.started_at = time.monotonic()
-        self.retiring = False       # told to finish and exit; replaced already
-        self.kill_at = 0.0          # watchdog: SIGKILL then, if still alive
-        self.exit_by = 0.0          # retiring: SIGKILL then, if still alive
-        self.killed = False         # SIGKILL sent: only its exit is left to see
-
-
-class WorkerSlot:
-    """A place for one serving worker: its CPU, its worker, its restart history."""
-
-    __slots__ = ("index", "cpu", "worker", "successor", "deaths",
-                 "boot_failures", "successor_failures", "start_at", "restarts",
-                 "replace_reason", "requests_done")
-
-    def __init__(self, index: int, cpu: int | None) -> None:
-        self.index = index
-        self.cpu = cpu
-        self.worker: WorkerProcess | None = None      # serving, or starting
-        self.successor: WorkerProcess | None = None   # its replacement, starting
-        self.deaths = 0             # in a row, each within STABLE_SECONDS of its start
-        self.boot_failures = 0      # in a row, each before the worker was ready
-        self.successor_failures = 0  # replacements that died before ready
-        self.start_at = 0.0         # when to start the next worker (backoff)
-        self.restarts = 0           # workers that replaced another here
-        self.replace_reason = "reload"  # why its worker is being replaced
-        self.requests_done = 0      # answered by its workers that have exited
-
-
 def describe_exit(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"exit code {code}"
-
-
-def backoff(failures: int) -> float:
-    """The wait before the next start after `failures` quick deaths in a row."""
-    if failures <= 1:
-        return 0.0
-    return min(RESPAWN_BACKOFF_FIRST * 2 ** (failures - 2), RESPAWN_BACKOFF_CAP)
 
 
 class Arbiter:
@@ -120,13 +66,9 @@ class Arbiter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cpus = available_cpus()
-        self.slots: list[WorkerSlot] = []
+        self.slots = WorkerSlots(self.cpus if settings.pin else None)
         self.workers: dict[int, WorkerProcess] = {}     # by pid
         self.channels: dict[int, WorkerProcess] = {}    # by dispatcher number
-        # Slots whose worker is to be replaced, one at a time (reload,
-        # --max-requests), oldest request first.
-        self.replacements: list[WorkerSlot] = []
-        self.reloading = False
         self.stopping = False
         self.stop_deadline = 0.0
         self.killed = False
@@ -136,8 +78,6 @@ class Arbiter:
         self.dispatcher: Dispatcher | None = None
         self.address = ""
         self.started_at = time.monotonic()
-        # Workers replaced, by why (crash, watchdog, recycle, reload): for --admin.
-        self.restarts: collections.Counter[str] = collections.Counter()
         # Request durations (the histogram's buckets, and their sum) of
         # workers that have exited: with the live ones', a total that only grows.
         self.durations_done = [0] * len(DURATION_BOUNDS) + [0]
@@ -227,12 +167,6 @@ class Arbiter:
         except OSError as exc:
             log.debug("cannot use SCHED_BATCH for the primary: %s", exc)
 
-    def cpu_for(self, index: int) -> int | None:
-        """Slot i's CPU: cycle through the CPUs we were given."""
-        if not self.settings.pin:
-            return None
-        return self.cpus[index % len(self.cpus)]
-
     # The loop
 
     def run(self) -> int:
@@ -259,8 +193,8 @@ class Arbiter:
             how += f", {settings.policy}, queue depth {depth}"
         log.info("Primary %d is running (%s, %d workers, %s)", os.getpid(), how,
                  settings.workers, self.address)
-        for index in range(settings.workers):
-            self.slots.append(WorkerSlot(index, self.cpu_for(index)))
+        for _ in range(settings.workers):
+            self.slots.add()
         if self.admin is not None:
             self.admin.start()
         try:
@@ -295,11 +229,7 @@ class Arbiter:
         if self.stopping and not self.killed:
             due.append(self.stop_deadline)
         elif not self.stopping:
-            # Starts that are due happened before this: only later ones count.
-            due += [slot.start_at for slot in self.slots
-                    if slot.worker is None and slot.start_at > now]
-            if self.replacements and self.replacements[0].start_at > now:
-                due.append(self.replacements[0].start_at)
+            due += self.slots.starts_after(now)
         due += [w.kill_at for w in self.workers.values() if w.kill_at]
         due += [w.exit_by for w in self.workers.values() if w.exit_by]
         if self.notifier.ping_at is not None:
@@ -322,12 +252,8 @@ class Arbiter:
         if event == Event.EVENT_READY:
             self.worker_ready(worker)
         elif event == Event.EVENT_RECYCLE:
-            slot = worker.slot
-            if worker is slot.worker and slot not in self.replacements \
-                    and slot in self.slots and not self.stopping:
+            if not self.stopping and self.slots.recycle(worker):
                 log.info("Replacing worker %d: it reached --max-requests", worker.pid)
-                slot.replace_reason = "recycle"
-                self.replacements.append(slot)
         elif event == Event.EVENT_DRAINING:
             self.worker_draining(worker)
         elif event == Event.EVENT_WORKER_FULL:
@@ -360,12 +286,10 @@ class Arbiter:
     def start_due_workers(self) -> None:
         if self.stopping:
             return
-        now = time.monotonic()
-        for slot in self.slots:
-            if slot.worker is None and slot.start_at <= now:
-                slot.worker = self.try_spawn(slot)
-                if slot.worker is not None and slot in self.replacements:
-                    self.replacements.remove(slot)  # a new worker already
+        for slot in self.slots.due(time.monotonic()):
+            worker = self.try_spawn(slot)
+            if worker is not None:
+                self.slots.started(slot, worker)
 
     def try_spawn(self, slot: WorkerSlot) -> WorkerProcess | None:
         """spawn(), or None after logging why not and setting when to try again.
@@ -376,11 +300,9 @@ class Arbiter:
         try:
             return self.spawn(slot)
         except OSError as exc:
-            slot.deaths += 1
-            delay = max(backoff(slot.deaths), RESPAWN_BACKOFF_FIRST)
+            delay = self.slots.spawn_failed(slot, time.monotonic())
             log.error("Cannot start a worker: %s; trying again in %.1f s",
                       exc.strerror or exc, delay)
-            slot.start_at = time.monotonic() + delay
             return None
 
     def worker_draining(self, worker: WorkerProcess) -> None:
@@ -396,16 +318,9 @@ class Arbiter:
         self.retire(worker)
         slot = worker.slot
         if worker is slot.successor:
-            slot.successor = None
             self.successor_died(slot)
         elif worker is slot.worker:
-            slot.worker = None
-            if slot.successor is not None:
-                slot.worker, slot.successor = slot.successor, None
-                if slot in self.replacements:
-                    self.replacements.remove(slot)
-            else:
-                slot.start_at = time.monotonic()
+            self.slots.leaving(slot, time.monotonic())
 
     def free_channel(self) -> int:
         channel = 0
@@ -476,25 +391,19 @@ class Arbiter:
         where = f"on CPU {slot.cpu}" if slot.cpu is not None else "(not pinned)"
         log.info("Worker %d started %s", worker.pid, where)
         if worker is slot.worker:
-            slot.boot_failures = 0
+            self.slots.worker_ready(slot)
             self.announce_if_ready()
         elif worker is slot.successor:
-            # The new worker serves; the old one finishes what it holds.
-            old = slot.worker
-            slot.worker, slot.successor = worker, None
-            slot.successor_failures = 0
-            if slot in self.replacements:
-                self.replacements.remove(slot)
+            old = self.slots.successor_ready(slot)
             if old is not None:
                 log.info("Worker %d replaces worker %d, which finishes its "
                          "connections and exits", worker.pid, old.pid)
-                self.count_restart(slot, slot.replace_reason)
                 self.retire(old)
 
     def announce_if_ready(self) -> None:
         """sd_notify READY=1 once every slot's worker serves (at start)."""
-        if not self.announced_ready and not self.reloading and not self.stopping \
-                and all(slot.worker is not None and slot.worker.ready for slot in self.slots):
+        if not self.announced_ready and not self.slots.reloading and not self.stopping \
+                and self.slots.all_serving():
             self.announced_ready = True
             self.notifier.ready(f"Serving {self.address} with {len(self.slots)} workers")
 
@@ -562,98 +471,67 @@ class Arbiter:
         if worker is slot.successor:
             self.successor_died(slot)
         elif worker is slot.worker:
-            self.count_restart(slot, "crash")
+            self.slots.count_restart(slot, "crash")
             self.slot_lost_worker(slot, worker)
-
-    def count_restart(self, slot: WorkerSlot, reason: str) -> None:
-        self.restarts[reason] += 1
-        slot.restarts += 1
 
     def slot_lost_worker(self, slot: WorkerSlot, worker: WorkerProcess) -> None:
         """The slot's worker died or hangs: count it, and start another in time."""
-        slot.worker = None
-        if slot.successor is not None:
-            # Its replacement was starting anyway: it takes the slot.
-            slot.worker, slot.successor = slot.successor, None
-            if slot in self.replacements:
-                self.replacements.remove(slot)
-            return
-        now = time.monotonic()
-        if not worker.ready:
-            slot.boot_failures += 1
-        if now - worker.started_at < STABLE_SECONDS:
-            slot.deaths += 1
-        else:
-            slot.deaths = 0
-        if all(s.boot_failures >= MAX_BOOT_FAILURES for s in self.slots):
+        if self.slots.vacate(slot):
+            return  # its successor took over
+        delay = self.slots.died(slot, worker, time.monotonic())
+        if delay is None:
             log.error("Workers cannot start: each died before it was ready %d "
                       "times in a row; stopping", MAX_BOOT_FAILURES)
             self.exit_code = WORKER_BOOT_ERROR
             self.stop(graceful=False)
             return
-        delay = backoff(slot.deaths)
         if delay:
             log.warning("Worker slot %d keeps dying (%d times in a row); "
                         "next start in %.1f s", slot.index, slot.deaths, delay)
-        slot.start_at = now + delay
         log.info("Starting a new worker")
 
     def successor_died(self, slot: WorkerSlot) -> None:
         """A replacement died before it was ready; the old worker still serves."""
-        slot.successor = None
-        slot.successor_failures += 1
-        if slot.successor_failures >= MAX_BOOT_FAILURES:
+        delay = self.slots.successor_failed(slot, time.monotonic())
+        if delay is None:
             log.error("Replacement workers die before they are ready (%d times "
                       "in a row): replacing stops here, the running workers "
-                      "keep serving", slot.successor_failures)
-            slot.successor_failures = 0
-            self.replacements.clear()
-            self.reloading = False
+                      "keep serving", MAX_BOOT_FAILURES)
             return
-        delay = backoff(slot.successor_failures + 1)
         log.warning("A replacement for worker %d died before it was ready; "
                     "trying again in %.1f s", slot.worker.pid if slot.worker else 0,
                     delay)
-        slot.start_at = time.monotonic() + delay
 
     # Replacing workers: reload, --max-requests
 
     def start_next_replacement(self) -> None:
         """Start the successor of the first slot waiting for one, one at a time."""
-        if self.stopping or any(slot.successor is not None for slot in self.slots):
+        if self.stopping:
             return
-        if not self.replacements:
-            if self.reloading:
-                self.reloading = False
-                log.info("Reload complete: every worker replaced")
-                self.notifier.ready(f"Serving {self.address} with {len(self.slots)} "
-                                    "workers (reloaded)")
+        if self.slots.finish_reload():
+            log.info("Reload complete: every worker replaced")
+            self.notifier.ready(f"Serving {self.address} with {len(self.slots)} "
+                                "workers (reloaded)")
             return
-        slot = self.replacements[0]
-        if slot.worker is None or not slot.worker.ready:
-            return  # a new worker is starting there anyway
-        if slot.start_at <= time.monotonic():
-            slot.successor = self.try_spawn(slot)
+        slot = self.slots.next_to_replace(time.monotonic())
+        if slot is not None:
+            successor = self.try_spawn(slot)
+            if successor is not None:
+                self.slots.successor_started(slot, successor)
 
     def handle_hup(self) -> None:
         if self.stopping:
             return
         log.info("Reloading: replacing %d workers one at a time", len(self.slots))
         self.notifier.reloading()
-        self.reloading = True
-        for slot in self.slots:
-            slot.successor_failures = 0
-            slot.replace_reason = "reload"
-            if slot not in self.replacements:
-                self.replacements.append(slot)
+        self.slots.reload()
 
     # Scaling
 
     def handle_ttin(self) -> None:
         if self.stopping:
             return
-        index = len(self.slots)
-        self.slots.append(WorkerSlot(index, self.cpu_for(index)))
+        self.slots.add()
         log.info("Adding a worker: %d now", len(self.slots))
 
     def handle_ttou(self) -> None:
@@ -662,14 +540,10 @@ class Arbiter:
         if len(self.slots) <= 1:
             log.warning("Not removing the last worker (SIGTERM stops the server)")
             return
-        slot = self.slots.pop()
-        if slot in self.replacements:
-            self.replacements.remove(slot)
+        workers = self.slots.remove_last()
         log.info("Removing a worker: %d now", len(self.slots))
-        for worker in (slot.successor, slot.worker):
-            if worker is not None:
-                self.retire(worker)
-        slot.worker = slot.successor = None
+        for worker in workers:
+            self.retire(worker)
 
     # The watchdog
 
@@ -706,11 +580,10 @@ class Arbiter:
             worker.kill_at = now + WATCHDOG_KILL_GRACE
             slot = worker.slot
             if worker is slot.successor:
-                slot.successor = None
                 self.successor_died(slot)
             elif worker is slot.worker and not self.stopping:
                 # Its replacement need not wait for it to go.
-                self.count_restart(slot, "watchdog")
+                self.slots.count_restart(slot, "watchdog")
                 self.slot_lost_worker(slot, worker)
 
     def signal_worker(self, worker: WorkerProcess, signum: int) -> None:
@@ -736,7 +609,7 @@ class Arbiter:
     def stop(self, graceful: bool) -> None:
         if not self.stopping:
             self.stopping = True
-            self.replacements.clear()
+            self.slots.clear_replacements()
             # Workers stop on their own at --graceful-timeout (closing WebSockets
             # with 1001, running the app's shutdown); the kill is for those that
             # cannot.
