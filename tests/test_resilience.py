@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import APPS
+from conftest import APPS, app_server
 from http_client import Connection, get
 from load_client import LoadClient, failures, summary
 from observe import alive, listen_queue, processes_in_group
@@ -158,6 +158,22 @@ def test_sigterm_under_slow_load_finishes_what_was_sent(start_server, record_pro
         assert all(o.kind == "ok" for o in sent_before), summary(sent_before)
     # Once the server is gone, connecting is refused, not left hanging.
     assert all(o.kind == "refused" for o in outcomes if o.started > exited)
+
+
+def test_sigquit_stops_at_once_without_finishing_requests(tmp_path):
+    events = tmp_path / "events"
+    with app_server(events, "edge_asgi:app", "--graceful-timeout", "120") as server:
+        with Connection(server.host, server.port) as client:
+            # A request that never finishes while its client stays: a graceful
+            # stop would wait the whole --graceful-timeout for it.
+            client.send(b"GET /wait-disconnect HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_until(lambda: "waiting" in events.read_text(errors="replace")
+                       if events.exists() else False, message="the request to start")
+            server.proc.send_signal(signal.SIGQUIT)
+            assert server.proc.wait(DEADLINE) == 0
+            assert server.find(r"Stopping now")
+            assert client.closed_by_server()
+        assert not processes_in_group(server.pgid)
 
 
 # Scaling

@@ -613,21 +613,22 @@ class Arbiter:
             # Workers stop on their own at --graceful-timeout (closing WebSockets
             # with 1001, running the app's shutdown); the kill is for those that
             # cannot.
-            graceful = self.settings.graceful_timeout
-            self.stop_deadline = (time.monotonic() + graceful
-                                  + min(WORKER_EXIT_MARGIN, graceful))
+            grace = self.settings.graceful_timeout
+            self.stop_deadline = (time.monotonic() + grace
+                                  + min(WORKER_EXIT_MARGIN, grace))
             # The listener closes first: what arrives from now on is refused by
             # the kernel, never accepted and then dropped.
             self.dispatcher.close_listener()
             if self.settings.mode != "dispatch":
                 self.listener.close()
             self.notifier.stopping()
-            if graceful:
+            if graceful and grace:
                 log.info("Stopping: finishing requests in progress (up to %g s)",
                          self.settings.graceful_timeout)
                 for worker in self.workers.values():
                     self.retire(worker)
                 return
+            graceful = False    # asked to stop now, or no time to finish in
         if not graceful and not self.killed:
             log.info("Stopping now")
             self.kill_workers()
