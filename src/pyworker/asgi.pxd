@@ -3,6 +3,13 @@
 # so the parser's callbacks and the app's send/receive read them without
 # Python attribute lookups.
 
+# Read by every response's build_head: typed, they are C-level lookups.
+cdef tuple CONTENT_LENGTH_LINES
+cdef dict END_OF_HEAD
+cdef dict HEADER_LINES
+cdef dict STATUS_LINE_OF
+
+
 cdef class AsgiProtocol
 
 

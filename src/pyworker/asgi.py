@@ -90,6 +90,7 @@ CONTENT_LENGTH_LINES = tuple(b"Content-Length: %d\r\n" % length for length in ra
 # The last lines of a head, by (HTTP/1.1 request?, keep the connection?).
 END_OF_HEAD = {key: line + b"\r\n" for key, line in KEEP_ALIVE_HEADER.items()}
 CHUNKED_HEADER = b"Transfer-Encoding: chunked\r\n"
+STATUS_LINE_OF = STATUS_LINES    # the same table, typed for build_head (asgi.pxd)
 # Response headers by what build_head does with them.
 HEADER_PLAIN, HEADER_LENGTH, HEADER_FRAMING, HEADER_CONNECTION, HEADER_SERVER, HEADER_DATE = range(6)
 HEADER_KINDS = {b"content-length": HEADER_LENGTH, b"transfer-encoding": HEADER_FRAMING,
@@ -288,7 +289,7 @@ class RequestCycle:
             # Off the worker's queue before the answer goes out: the client
             # may open its next connection before this worker runs again.
             protocol.server.dequeued(protocol)
-        lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        lines = [STATUS_LINE_OF.get(status) or b"HTTP/1.1 %d \r\n" % status]
         has_server = has_date = False
         for name, value in self.headers:
             known = HEADER_LINES.get((name, value))
