@@ -150,6 +150,21 @@ def test_the_app_sees_https(start_server, certs, app):
     assert (response.status, response.body) == (200, b"https")
 
 
+@pytest.mark.parametrize("app", ["edge_asgi:app", "wsgi_edge:app", ""])
+def test_a_client_that_ends_tls_cleanly_gets_close_notify_back(start_server, certs, app):
+    # The client's close_notify reaches the protocol as eof_received(); the
+    # server ends its side the same way, with no error logged.
+    server = start_server(*serving(certs), "--app-dir", APPS, *([app] if app else []))
+    with Connection(server.host, server.port, tls=client_context(certs)) as conn:
+        conn.request("/")
+        assert conn.response().status in (200, 404)
+        plain = conn.sock.unwrap()  # raises if the server aborts instead
+        assert plain.recv(1) == b""
+    response, _ = tls_get(server, client_context(certs))
+    assert response.status in (200, 404)
+    assert not server.find(r"ERROR|eof_received")
+
+
 def test_a_required_client_certificate(start_server, certs):
     server = start_server(*serving(certs), "--ssl-ca-certs", certs.ca,
                           "--ssl-cert-reqs", "required", "--admin", "127.0.0.1:0")

@@ -457,7 +457,8 @@ class AsgiProtocol:
         """Its own factory (see pyworker.http.ConnectionProtocol)."""
         return self
 
-    # asyncio.Protocol
+    # asyncio.Protocol's methods (compiled, this class cannot inherit
+    # asyncio.Protocol: each one uvloop may call is defined here)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -518,6 +519,14 @@ class AsgiProtocol:
         # (about 8% of a new connection's instructions, callgrind).
         self.parser = None
         self.parsing = None
+
+    def eof_received(self) -> None:
+        """The client sends no more: the transport closes, as asyncio.Protocol's default does.
+
+        uvloop's TLS layer calls this with no fallback: without it a clean
+        close_notify from a client became a logged error and an abort.
+        """
+        return None
 
     def pause_writing(self) -> None:
         if self.writes is None:
