@@ -1678,8 +1678,8 @@ cdef PySendResult send_stamped(PyObject *steps, PyObject *value,
     type has it: the step's end then comes back as PYGEN_RETURN, where
     __next__ could only say it by raising StopIteration, which Cython's error
     path turns into a frame and a traceback: about 2,400 instructions per
-    request (callgrind). Python 3.12 and later call __next__ instead, as
-    before this slot; the saving is 3.11's only.
+    request (callgrind). Python 3.12 and later, and a compiled caller, step
+    through tp_iternext instead: next_stamped, below.
     """
     cdef StampedSteps stamped = <StampedSteps>steps
     cdef PySendResult status
@@ -1766,6 +1766,8 @@ cdef class StampedSteps:
         return self
 
     def __next__(self):
+        # What Python's it.__next__() finds; next(it), `await` and Cython's
+        # yield-from go through tp_iternext, which is next_stamped.
         self.channel._begin()
         try:
             return self.coro.send(None)

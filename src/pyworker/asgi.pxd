@@ -3,7 +3,8 @@
 # so the parser's callbacks and the app's send/receive read them without
 # Python attribute lookups.
 
-# Read by every response's build_head: typed, they are C-level lookups.
+# Read by every response's build_head: typed, they are C-level lookups
+# (and, compiled, no longer attributes of the pyworker.asgi module).
 cdef tuple CONTENT_LENGTH_LINES
 cdef dict END_OF_HEAD
 cdef dict HEADER_LINES

@@ -337,7 +337,7 @@ class Worker:
         run as a task, and what reuseport's accept in C never pays is kept
         off the path: a task per connection, a callback on each one's
         future, a closure for its protocol factory (the protocol is its own,
-        ConnectionProtocol), an object for its fd (one HandedSocket, read
+        ConnectionProtocol, or AsgiProtocol.__call__), an object for its fd (one HandedSocket, read
         only while the first step runs) and a Python frame per step
         (step_adoption is compiled, and catches no StopIteration).
         """
