@@ -1698,13 +1698,8 @@ cdef PyObject *next_stamped(PyObject *steps) noexcept:
     `coro.send()` would raise costs an exception object, and Cython's
     `finally` around it a traceback (about 2,000 instructions a request).
     """
-    cdef StampedSteps stamped = <StampedSteps>steps
     cdef PyObject *result = NULL
-    cdef PySendResult status
-    stamped.channel._begin()
-    status = PyIter_Send(stamped.coro, None, &result)
-    stamped.channel._end()
-    if status == PYGEN_RETURN:
+    if send_stamped(steps, <PyObject *>None, &result) == PYGEN_RETURN:
         if result != <PyObject *>None:
             PyErr_SetObject(StopIteration, (<object>result,))
         Py_XDECREF(result)

@@ -25,7 +25,7 @@ This module is compiled by Cython (setup.py), with asgi.pxd making the
 connection, its requests and the shared settings extension types: their
 fields are C struct members and the calls between them C calls.  In the
 interpreter a keep-alive request of a raw ASGI app cost 74k instructions,
-compiled 59k (bench/request_instructions.py).  The source stays plain
+compiled 58k (bench/request_instructions.py).  The source stays plain
 Python.  A method asgi.pxd declares `cdef` can only be called through a
 variable Cython knows to be of its class (`self`, a typed field): called on
 an untyped one it would be looked up as a Python attribute and not found.
@@ -140,7 +140,6 @@ class AsgiConfig:
 
 class RequestCycle:
     """One request: its scope, its body as it arrives, and the response's state."""
-
 
     def __init__(self, protocol: AsgiProtocol, scope: dict, keep_alive: bool,
                  expect_continue: bool, http11: bool) -> None:
@@ -412,7 +411,6 @@ class RequestCycle:
 
 class AsgiProtocol:
     """One HTTP/1.1 connection serving an ASGI app."""
-
 
     def __init__(self, server, config: AsgiConfig, queued_at: int | None = None) -> None:
         self.server = server

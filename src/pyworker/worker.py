@@ -336,10 +336,10 @@ class Worker:
         handshake is done: see open_tls).  It is stepped here by hand, not
         run as a task, and what reuseport's accept in C never pays is kept
         off the path: a task per connection, a callback on each one's
-        future, a closure for its protocol factory (the protocol is its own,
-        ConnectionProtocol, or AsgiProtocol.__call__), an object for its fd (one HandedSocket, read
-        only while the first step runs) and a Python frame per step
-        (step_adoption is compiled, and catches no StopIteration).
+        future, a closure for its protocol factory (the protocol is its own:
+        ConnectionProtocol, AsgiProtocol.__call__), an object for its fd (one
+        HandedSocket, read only while the first step runs) and a Python frame
+        per step (step_adoption is compiled, and catches no StopIteration).
         """
         handed = self.handed
         ticks = self.ticks
