@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import os
 import resource
@@ -24,6 +25,8 @@ import uvloop
 
 from cydispatch._dispatch import (
     Dispatcher, Event, HandedSocket, WorkerChannel, WorkerState, send_fds, step_adoption)
+from pyworker import adoption
+from pyworker.worker import load_direct_adoption
 from waiting import wait_until, wait_until_async
 
 
@@ -566,8 +569,10 @@ def test_a_signal_wakes_a_waiting_dispatcher():
         os.close(wake_w)
 
 
-# The worker's adoption of a handed fd: uvloop's connect_accepted_socket,
-# stepped by hand (Worker.adopt_all) with step_adoption and one HandedSocket.
+# The worker's adoption of a handed fd: straight into uvloop, as uvloop's own
+# accept does (pyworker.adoption), or, with TLS or another uvloop than the one
+# cydispatch was built against, uvloop's connect_accepted_socket stepped by
+# hand (Worker.adopt_all) with step_adoption and one HandedSocket.
 
 class Recorder(asyncio.Protocol):
     """A protocol that is its own factory and keeps what reaches it."""
@@ -593,6 +598,59 @@ def loop():
     loop.close()
 
 
+def assert_the_transport_owns(fd: int, loop, protocol, client: socket.socket) -> None:
+    """Closing `protocol`'s transport closes the connection and `fd`."""
+    protocol.transport.close()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert client.recv(1) == b""
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_a_handed_connection_is_adopted_in_one_call(loop):
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname(), timeout=5) as client:
+        accepted, _ = listener.accept()
+        fd = accepted.detach()
+        protocol = Recorder()
+        assert adoption.adopt_tcp(loop, protocol, fd, contextvars.copy_context()) is None
+        # As after uvloop's own accept: connection_made is the loop's next turn.
+        assert protocol.transport is None
+        client.sendall(b"hello")
+        loop.run_until_complete(wait_until_async(lambda: protocol.received == b"hello",
+                                                 message="the client's bytes"))
+        assert protocol.transport.get_extra_info("peername") == client.getsockname()
+        assert_the_transport_owns(fd, loop, protocol, client)
+
+
+def test_an_fd_uvloop_cannot_adopt_directly_raises_and_stays_the_callers(loop):
+    read_end, write_end = os.pipe()
+    try:
+        protocol = Recorder()
+        with pytest.raises(OSError) as raised:
+            adoption.adopt_tcp(loop, protocol, read_end, contextvars.copy_context())
+        assert raised.value.errno == errno.ENOTSOCK
+        loop.run_until_complete(asyncio.sleep(0))
+        assert protocol.transport is None
+        os.fstat(read_end)      # not closed behind the caller's back
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_direct_adoption_is_used_with_the_uvloop_it_was_built_against():
+    # A build that silently fell back would serve, only slower: this says so.
+    assert adoption.BUILT_FOR_UVLOOP == uvloop.__version__
+    assert load_direct_adoption() is adoption.adopt_tcp
+
+
+def test_direct_adoption_is_not_used_with_another_uvloop(monkeypatch, caplog):
+    monkeypatch.setattr(uvloop, "__version__", "0.0.1")
+    assert load_direct_adoption() is None
+    assert (f"built against uvloop {adoption.BUILT_FOR_UVLOOP}, and uvloop 0.0.1 is "
+            "installed") in caplog.text
+
+
 def test_a_handed_connection_is_adopted_in_two_steps(loop):
     with socket.create_server(("127.0.0.1", 0)) as listener, \
             socket.create_connection(listener.getsockname(), timeout=5) as client:
@@ -600,34 +658,28 @@ def test_a_handed_connection_is_adopted_in_two_steps(loop):
         fd = accepted.detach()
         handed = HandedSocket(fd, socket.AF_INET)
         protocol, failures = Recorder(), []
-        adoption = loop.connect_accepted_socket(protocol, handed)
+        coroutine = loop.connect_accepted_socket(protocol, handed)
 
-        waiter = step_adoption(adoption, fd, protocol, lambda *failure: failures.append(failure))
+        waiter = step_adoption(coroutine, fd, protocol, lambda *failure: failures.append(failure))
         # The transport exists; connection_made is the loop's next turn.
         assert isinstance(waiter, asyncio.Future) and not waiter.done()
         client.sendall(b"hello")
         loop.run_until_complete(asyncio.sleep(0))
         assert waiter.done()
-        assert step_adoption(adoption, fd, protocol,
+        assert step_adoption(coroutine, fd, protocol,
                              lambda *failure: failures.append(failure)) is None  # ended
         loop.run_until_complete(wait_until_async(lambda: protocol.received == b"hello",
                                                  message="the client's bytes"))
         assert failures == []
-
-        # The transport owns the fd: closing it closes the connection.
-        protocol.transport.close()
-        loop.run_until_complete(asyncio.sleep(0))
-        assert client.recv(1) == b""
-        with pytest.raises(OSError):
-            os.fstat(fd)
+        assert_the_transport_owns(fd, loop, protocol, client)
 
 
 def test_an_fd_uvloop_cannot_adopt_goes_to_the_failure_callback(loop):
     read_end, write_end = os.pipe()
     try:
         protocol, failures = Recorder(), []
-        adoption = loop.connect_accepted_socket(protocol, HandedSocket(read_end, socket.AF_INET))
-        assert step_adoption(adoption, read_end, protocol,
+        coroutine = loop.connect_accepted_socket(protocol, HandedSocket(read_end, socket.AF_INET))
+        assert step_adoption(coroutine, read_end, protocol,
                              lambda *failure: failures.append(failure)) is None
         [(fd, failed_protocol, exc)] = failures
         assert (fd, failed_protocol) == (read_end, protocol)
@@ -642,13 +694,13 @@ def test_stepping_by_hand_keeps_no_reference_and_swallows_no_interrupt():
     waited_on = object()
 
     @types.coroutine
-    def adoption():
+    def waits_then_interrupts():
         yield waited_on
         raise KeyboardInterrupt
 
     failures = []
     references = sys.getrefcount(waited_on)
-    coroutine = adoption()
+    coroutine = waits_then_interrupts()
     assert step_adoption(coroutine, 7, None, lambda *f: failures.append(f)) is waited_on
     assert sys.getrefcount(waited_on) == references     # the step's reference was given back
     # Only an Exception is an adoption's failure: an interrupt goes on up.

@@ -145,6 +145,19 @@ def test_ipv6_literal_host(start_server):
     assert get("::1", server.port).status == 200
 
 
+def test_with_another_uvloop_than_the_build_s_handed_connections_are_still_served(
+        start_server, tmp_path):
+    # pyworker.adoption reaches into the uvloop it was compiled against; with
+    # any other, workers say so and take uvloop's public path.
+    (tmp_path / "sitecustomize.py").write_text("import uvloop\nuvloop.__version__ = '0.0.1'\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    server = start_server(env={"PYTHONPATH": path})
+    server.wait_for_log(r"handed connections take uvloop's slower public path: "
+                        r"cydispatch was built against uvloop \S+, and uvloop 0\.0\.1", count=2)
+    assert {get(server.host, server.port).status for _ in range(20)} == {200}
+    assert len(distinct_workers_answer(server)) == 2
+
+
 def test_out_of_descriptors_waits_without_spinning_and_loses_nothing(start_server):
     # 64 descriptors per process: two workers hold ~100 connections between them.
     server = start_server("--keepalive-timeout", "60",

@@ -17,6 +17,7 @@ died): in each case it finishes the requests it holds first.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import gc
 import ipaddress
@@ -29,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 
 import uvloop
 
@@ -73,6 +75,32 @@ def flush_reports(channel: WorkerChannel, timeout: float) -> bool:
             return False
         poller.poll(left * 1000)
     return True
+
+
+def load_direct_adoption():
+    """pyworker.adoption's adopt_tcp, if it fits the uvloop installed; else None, said why.
+
+    The module reaches into uvloop's private C layout, so it is used only
+    with the uvloop it was compiled against.  Cython checks each uvloop
+    type's size when the module is imported and only warns on a mismatch:
+    here that warning is an error, and the worker falls back to uvloop's
+    public connect_accepted_socket (slower per connection, same behaviour).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            from pyworker import adoption
+    except (ImportError, RuntimeWarning) as exc:
+        log.warning("Worker %d: handed connections take uvloop's slower public path: "
+                    "pyworker.adoption cannot be used (%s)", os.getpid(), exc)
+        return None
+    if adoption.BUILT_FOR_UVLOOP != uvloop.__version__:
+        log.warning("Worker %d: handed connections take uvloop's slower public path: "
+                    "cydispatch was built against uvloop %s, and uvloop %s is installed; "
+                    "reinstall cydispatch to build it against this one",
+                    os.getpid(), adoption.BUILT_FOR_UVLOOP, uvloop.__version__)
+        return None
+    return adoption.adopt_tcp
 
 
 def descriptor_room() -> int:
@@ -201,6 +229,12 @@ class Worker:
         asyncio.set_event_loop(loop)
         # Decided once: a plain connection pays for no TLS check.
         self.open_handed = loop.connect_accepted_socket
+        self.adopt_tcp = None
+        if self.settings.mode == "dispatch" and self.ssl_context is None:
+            self.adopt_tcp = load_direct_adoption()
+        # Connections adopted directly share one context, as those uvloop
+        # accepts for a server do (each request's task has its own).
+        self.adoption_context = contextvars.copy_context()
         if self.ssl_context is not None:
             self.open_handed = self.open_tls
             if self.settings.proxy_protocol:
@@ -330,6 +364,8 @@ class Worker:
     def adopt_all(self, fds: list[int]) -> None:
         """Serve handed connections.
 
+        Plain ones go straight into uvloop (adopt_directly) wherever
+        pyworker.adoption fits the uvloop installed.  Otherwise, and with TLS,
         uvloop's connect_accepted_socket is a coroutine that makes the
         transport at once and then waits for connection_made, which it has
         scheduled for the next turn of the loop (with TLS, for when the
@@ -341,6 +377,9 @@ class Worker:
         HandedSocket, read only while the first step runs) and a Python frame
         per step (step_adoption is compiled, and catches no StopIteration).
         """
+        if self.adopt_tcp is not None:
+            self.adopt_directly(fds)
+            return
         handed = self.handed
         ticks = self.ticks
         new_connection = self.new_connection
@@ -358,6 +397,20 @@ class Worker:
             # After the connection_made callbacks the first steps scheduled;
             # dropped while suspended, a coroutine would close its transport.
             self.loop.call_soon(self.adopted_all, opening)
+
+    def adopt_directly(self, fds: list[int]) -> None:
+        """Serve handed plain connections as uvloop serves those it accepts (pyworker.adoption)."""
+        adopt_tcp = self.adopt_tcp
+        loop = self.loop
+        context = self.adoption_context
+        new_connection = self.new_connection
+        ticks = self.ticks
+        for fd in fds:
+            protocol = new_connection(ticks)
+            try:
+                adopt_tcp(loop, protocol, fd, context)
+            except Exception as exc:
+                self.adopt_failed(fd, protocol, exc)
 
     def adopted_all(self, opening: list) -> None:
         """The second steps of a batch's adoptions, once its connection_made callbacks have run."""

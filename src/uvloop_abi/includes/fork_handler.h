@@ -1,0 +1,1 @@
+/* uvloop's own header, named by its .pxd files; adoption.pyx uses nothing of it. */
