@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import gc
 import os
 import resource
 import select
@@ -19,6 +20,7 @@ import socket
 import sys
 import time
 import types
+import warnings
 
 import pytest
 import uvloop
@@ -627,12 +629,17 @@ def test_an_fd_uvloop_cannot_adopt_directly_raises_and_stays_the_callers(loop):
     read_end, write_end = os.pipe()
     try:
         protocol = Recorder()
-        with pytest.raises(OSError) as raised:
-            adoption.adopt_tcp(loop, protocol, read_end, contextvars.copy_context())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(OSError) as raised:
+                adoption.adopt_tcp(loop, protocol, read_end, contextvars.copy_context())
+            loop.run_until_complete(asyncio.sleep(0))   # the handle's close completes
+            gc.collect()
         assert raised.value.errno == errno.ENOTSOCK
-        loop.run_until_complete(asyncio.sleep(0))
         assert protocol.transport is None
         os.fstat(read_end)      # not closed behind the caller's back
+        # The transport made for it was closed, not left for its finaliser.
+        assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -649,6 +656,28 @@ def test_direct_adoption_is_not_used_with_another_uvloop(monkeypatch, caplog):
     assert load_direct_adoption() is None
     assert (f"built against uvloop {adoption.BUILT_FOR_UVLOOP}, and uvloop 0.0.1 is "
             "installed") in caplog.text
+
+
+def size_changed():
+    warnings.warn("uvloop.loop.UVStream size changed, may indicate binary incompatibility. "
+                  "Expected 392 from C header, got 400 from PyObject", RuntimeWarning)
+
+
+def type_too_small():
+    raise ValueError("uvloop.loop.UVStream size changed, may indicate binary "
+                     "incompatibility. Expected 400 from C header, got 392 from PyObject")
+
+
+def not_built():
+    raise ModuleNotFoundError("No module named 'pyworker.adoption'")
+
+
+@pytest.mark.parametrize("failing_import", [size_changed, type_too_small, not_built])
+def test_direct_adoption_is_not_used_when_its_module_does_not_fit(failing_import, caplog):
+    # What Cython's import of a module compiled against another uvloop does:
+    # a warning for a type grown larger, an exception for one grown smaller.
+    assert load_direct_adoption(lambda name: failing_import()) is None
+    assert "pyworker.adoption cannot be used with uvloop" in caplog.text
 
 
 def test_a_handed_connection_is_adopted_in_two_steps(loop):

@@ -145,6 +145,13 @@ def test_ipv6_literal_host(start_server):
     assert get("::1", server.port).status == 200
 
 
+def test_dispatch_workers_open_handed_connections_as_uvloop_s_accept_does(start_server):
+    server = start_server("--log-level", "debug")
+    server.wait_for_log(r"opens handed connections as uvloop's own accept does", count=2)
+    assert {get(server.host, server.port).status for _ in range(20)} == {200}
+    assert "slower public path" not in server.log
+
+
 def test_with_another_uvloop_than_the_build_s_handed_connections_are_still_served(
         start_server, tmp_path):
     # pyworker.adoption reaches into the uvloop it was compiled against; with

@@ -5,10 +5,10 @@ uvloop's public way to serve an fd accepted elsewhere is
 connect_accepted_socket: a coroutine that makes the transport, then waits on
 a future until connection_made has run.  Per connection that is a coroutine,
 a future, a copied context, a Python-level asyncio.isfuture() and a second
-turn of the loop to end the coroutine: about a fifth of what a new connection
-cost a worker in dispatch mode (bench/RESULTS.md, "Adoption without the
-coroutine"), none of which uvloop's own accept, the one reuseport's workers
-take, pays.  adopt_tcp takes that accept's steps instead: the transport made
+turn of the loop to end the coroutine: 18% of the instructions a new
+connection cost a worker in dispatch mode (bench/RESULTS.md, "The fifth
+run (night of 2026-12-01)"), none of which uvloop's own accept, the one reuseport's workers take,
+pays.  adopt_tcp takes that accept's steps instead: the transport made
 by TCPTransport.new, the fd opened into it, connection_made scheduled for the
 next turn of the loop, as after accept().
 
@@ -36,5 +36,11 @@ def adopt_tcp(Loop loop, protocol, int fd, context):
     libuv cannot take it; then `fd` is still the caller's to close.
     """
     cdef TCPTransport transport = TCPTransport.new(loop, protocol, None, None, context)
-    transport._open(fd)
+    try:
+        transport._open(fd)
+    except BaseException:
+        # libuv has not taken the fd: closing the handle leaves it alone,
+        # and frees the transport without an unclosed-resource warning.
+        transport._close()
+        raise
     transport._init_protocol()

@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import functools
 import gc
+import importlib
 import ipaddress
 import logging
 import os
@@ -77,28 +78,32 @@ def flush_reports(channel: WorkerChannel, timeout: float) -> bool:
     return True
 
 
-def load_direct_adoption():
+def load_direct_adoption(import_module=importlib.import_module):
     """pyworker.adoption's adopt_tcp, if it fits the uvloop installed; else None, said why.
 
     The module reaches into uvloop's private C layout, so it is used only
-    with the uvloop it was compiled against.  Cython checks each uvloop
-    type's size when the module is imported and only warns on a mismatch:
-    here that warning is an error, and the worker falls back to uvloop's
-    public connect_accepted_socket (slower per connection, same behaviour).
+    with the uvloop it was compiled against.  When it is imported, Cython
+    checks the size of each uvloop type it uses: a smaller one (or a missing
+    one) is an exception, a larger one only a RuntimeWarning, made an error
+    here.  Whatever goes wrong, the worker falls back to uvloop's public
+    connect_accepted_socket: slower per connection, same behaviour.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            from pyworker import adoption
-    except (ImportError, RuntimeWarning) as exc:
+            adoption = import_module("pyworker.adoption")
+    except Exception as exc:    # RuntimeWarning included
         log.warning("Worker %d: handed connections take uvloop's slower public path: "
-                    "pyworker.adoption cannot be used (%s)", os.getpid(), exc)
+                    "pyworker.adoption cannot be used with uvloop %s (%s)",
+                    os.getpid(), uvloop.__version__, exc)
         return None
     if adoption.BUILT_FOR_UVLOOP != uvloop.__version__:
         log.warning("Worker %d: handed connections take uvloop's slower public path: "
                     "cydispatch was built against uvloop %s, and uvloop %s is installed; "
-                    "reinstall cydispatch to build it against this one",
-                    os.getpid(), adoption.BUILT_FOR_UVLOOP, uvloop.__version__)
+                    "install uvloop %s, or rebuild cydispatch against this one "
+                    "(pip install --no-build-isolation --force-reinstall cydispatch's source)",
+                    os.getpid(), adoption.BUILT_FOR_UVLOOP, uvloop.__version__,
+                    adoption.BUILT_FOR_UVLOOP)
         return None
     return adoption.adopt_tcp
 
@@ -232,6 +237,9 @@ class Worker:
         self.adopt_tcp = None
         if self.settings.mode == "dispatch" and self.ssl_context is None:
             self.adopt_tcp = load_direct_adoption()
+            if self.adopt_tcp is not None:
+                log.debug("Worker %d opens handed connections as uvloop's own accept does "
+                          "(uvloop %s)", os.getpid(), uvloop.__version__)
         # Connections adopted directly share one context, as those uvloop
         # accepts for a server do (each request's task has its own).
         self.adoption_context = contextvars.copy_context()
