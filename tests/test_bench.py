@@ -275,3 +275,26 @@ def test_request_instructions_script_serves_what_it_counts(args):
     result = subprocess.run([sys.executable, str(REQUEST_INSTRUCTIONS), "--serve", "200", *args],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+CONNECTION_CPU = Path(__file__).parent.parent / "bench" / "connection_cpu.py"
+
+
+@needs_wrk
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a CPU for wrk and one for the server")
+def test_connection_cpu_script_splits_a_connection_s_cpu_per_process():
+    # RESULTS.md quotes its table: a row per mode, read off /proc.
+    result = subprocess.run([sys.executable, str(CONNECTION_CPU), "--rounds", "1",
+                             "--duration", "2", "--modes", "dispatch", "reuseport"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("|")[1].strip(): [cell.strip().replace(",", "")
+                                         for cell in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert rows["mode"][:3] == ["req/s", "primary µs/conn", "workers µs/conn"]
+    for mode in ("dispatch", "reuseport"):
+        requests_per_second, primary_us, workers_us, softirq_us, switches = map(
+            float, rows[mode])
+        # The workers serve every request: tens of µs each, many clock ticks.
+        assert requests_per_second > 0 and workers_us > 0, (mode, rows[mode])
+        assert primary_us >= 0 and softirq_us >= 0 and switches > 0, (mode, rows[mode])

@@ -1,0 +1,134 @@
+"""Where a new connection's CPU goes on the server side, per process, per mode.
+
+    python bench/connection_cpu.py [--modes dispatch reuseport] [--rounds 3] [--duration 5]
+
+Runs wrk's `close` workload (a new connection per request, 64 at a time) with
+wrk alone on the first CPU this process may use and `cydispatch serve` (2
+workers) alone on the last, so that everything on the server's CPU is the
+server's.  For each mode, in interleaved rounds, it reads /proc before and
+after the run and prints, per connection: the primary's CPU, the workers'
+(summed), the server CPU's time in softirq (the network stack's deferred
+work, which /proc/stat counts apart) and the context switches of the
+server's processes.  Medians over the rounds.
+
+`cydispatch bench` says how fast each mode is; this says where the
+difference goes (a worker's adoption, the primary, the kernel).  Needs wrk
+and at least 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+from cydispatch.bench import wrk
+from cydispatch.bench.server import CydispatchServer
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CONNECTIONS = 64
+WORKERS = 2
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue    # gone meanwhile
+            if int(fields[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+def process_counters(pid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    switches = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                switches += int(line.split()[1])
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, switches
+
+
+def softirq_seconds(cpu: int) -> float:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                return int(line.split()[7]) / CLOCK_TICKS
+    raise RuntimeError(f"no cpu{cpu} line in /proc/stat")
+
+
+def measure(mode: str, client_cpu: int, server_cpu: int, duration: int) -> dict:
+    server = CydispatchServer("--mode", mode, workers=WORKERS,
+                              wrapper=("taskset", "-c", str(server_cpu))).wait_ready()
+    pin_wrk = ("taskset", "-c", str(client_cpu))
+    try:
+        wrk.run(server.url, connections=CONNECTIONS, threads=1, duration=1, close=True,
+                wrapper=pin_wrk)    # warm-up
+        workers = children_of(server.pid)
+        processes = [server.pid, *workers]
+        before = {pid: process_counters(pid) for pid in processes}
+        softirq_before = softirq_seconds(server_cpu)
+        result = wrk.run(server.url, connections=CONNECTIONS, threads=1, duration=duration,
+                         close=True, wrapper=pin_wrk)
+        softirq = softirq_seconds(server_cpu) - softirq_before
+        after = {pid: process_counters(pid) for pid in processes}
+    finally:
+        server.stop()
+    n = result.requests
+    if not n or result.errors:
+        sys.exit(f"{mode}: {n} requests, {result.errors} errors: not a measurement")
+    cpu = {pid: after[pid][0] - before[pid][0] for pid in processes}
+    switches = sum(after[pid][1] - before[pid][1] for pid in processes)
+    return {
+        "rps": result.rps,
+        "primary_us": cpu[server.pid] * 1e6 / n,
+        "workers_us": sum(cpu[pid] for pid in workers) * 1e6 / n,
+        "softirq_us": softirq * 1e6 / n,
+        "switches": switches / n,
+    }
+
+
+COLUMNS = (("rps", "req/s", "{:,.0f}"),
+           ("primary_us", "primary µs/conn", "{:.1f}"),
+           ("workers_us", "workers µs/conn", "{:.1f}"),
+           ("softirq_us", "softirq µs/conn (server CPU)", "{:.1f}"),
+           ("switches", "context switches/conn", "{:.3f}"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=["dispatch", "reuseport"],
+                        choices=["dispatch", "reuseport", "shared"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run")
+    args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        sys.exit("needs 2 CPUs: one for wrk, one for the server")
+    client_cpu, server_cpu = cpus[0], cpus[-1]
+    runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    for round_number in range(1, args.rounds + 1):
+        for mode in args.modes:
+            print(f"[round {round_number}] {mode}", file=sys.stderr, flush=True)
+            runs[mode].append(measure(mode, client_cpu, server_cpu, args.duration))
+    print(f"`close`, wrk on CPU {client_cpu}, {WORKERS} workers on CPU {server_cpu}, "
+          f"medians of {args.rounds} rounds of {args.duration} s\n")
+    print("| mode | " + " | ".join(title for _, title, _ in COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
+    for mode, records in runs.items():
+        cells = [form.format(statistics.median(r[key] for r in records))
+                 for key, _, form in COLUMNS]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
