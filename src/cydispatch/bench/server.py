@@ -109,6 +109,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             pass
         self._reader.join(5)
+        if not self._reader.is_alive():
+            self.proc.stderr.close()    # read to its end: nothing more will come
 
     # What /proc says about the primary
 
