@@ -6,10 +6,10 @@ connect_accepted_socket: a coroutine that makes the transport, then waits on
 a future until connection_made has run.  Per connection that is a coroutine,
 a future, a copied context, a Python-level asyncio.isfuture() and a second
 turn of the loop to end the coroutine: 18% of the instructions a new
-connection cost a worker in dispatch mode (bench/RESULTS.md, "The fifth
-run (night of 2026-12-01)"), none of which uvloop's own accept, the one reuseport's workers take,
-pays.  adopt_tcp takes that accept's steps instead: the transport made
-by TCPTransport.new, the fd opened into it, connection_made scheduled for the
+connection cost a worker in dispatch mode (bench/RESULTS.md, "The fifth run
+(night of 2026-12-01)"), none of which uvloop's own accept, the one
+reuseport's workers take, pays.  adopt_tcp takes that accept's steps
+instead: the transport made by TCPTransport.new, the fd opened into it, connection_made scheduled for the
 next turn of the loop, as after accept().
 
 It reaches those steps through uvloop's Cython declarations, which its wheel

@@ -234,10 +234,13 @@ class Worker:
         asyncio.set_event_loop(loop)
         # Decided once: a plain connection pays for no TLS check.
         self.open_handed = loop.connect_accepted_socket
+        # Decided once too: how a batch of handed connections is served.
+        self.adopt = self.adopt_all
         self.adopt_tcp = None
         if self.settings.mode == "dispatch" and self.ssl_context is None:
             self.adopt_tcp = load_direct_adoption()
             if self.adopt_tcp is not None:
+                self.adopt = self.adopt_directly
                 log.debug("Worker %d opens handed connections as uvloop's own accept does "
                           "(uvloop %s)", os.getpid(), uvloop.__version__)
         # Connections adopted directly share one context, as those uvloop
@@ -324,7 +327,7 @@ class Worker:
             return      # the primary went away; a pull was still due
         fds, stop, final, closed = channel.receive(True)    # within the hand
         if fds:
-            self.adopt_all(fds)
+            self.adopt(fds)
         if closed:
             log.warning("Worker %d: the primary is gone; finishing up", os.getpid())
             if self.channel_watched:
@@ -370,11 +373,11 @@ class Worker:
             self.loop.remove_writer(self.channel.fileno())
 
     def adopt_all(self, fds: list[int]) -> None:
-        """Serve handed connections.
+        """Serve handed connections through uvloop's public API.
 
-        Plain ones go straight into uvloop (adopt_directly) wherever
-        pyworker.adoption fits the uvloop installed.  Otherwise, and with TLS,
-        uvloop's connect_accepted_socket is a coroutine that makes the
+        Plain ones go straight into uvloop instead (adopt_directly) wherever
+        pyworker.adoption fits the uvloop installed.  Here, with TLS or
+        without that module, uvloop's connect_accepted_socket is a coroutine that makes the
         transport at once and then waits for connection_made, which it has
         scheduled for the next turn of the loop (with TLS, for when the
         handshake is done: see open_tls).  It is stepped here by hand, not
@@ -385,9 +388,6 @@ class Worker:
         HandedSocket, read only while the first step runs) and a Python frame
         per step (step_adoption is compiled, and catches no StopIteration).
         """
-        if self.adopt_tcp is not None:
-            self.adopt_directly(fds)
-            return
         handed = self.handed
         ticks = self.ticks
         new_connection = self.new_connection
