@@ -24,37 +24,26 @@ import statistics
 import sys
 
 from cydispatch.bench import wrk
-from cydispatch.bench.server import CydispatchServer
+from cydispatch.bench.server import CLOCK_TICKS, CydispatchServer, cpu_seconds
+from cydispatch.bench.soak import children
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CONNECTIONS = 64
 WORKERS = 2
 
 
-def children_of(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue    # gone meanwhile
-            if int(fields[1]) == pid:
-                children.append(int(entry))
-    return children
-
-
-def process_counters(pid: int) -> tuple[float, int]:
-    """(CPU seconds, context switches) of `pid` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of `pid` so far."""
     switches = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                 switches += int(line.split()[1])
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, switches
+    return switches
+
+
+def process_counters(pid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of `pid` so far."""
+    return cpu_seconds(pid), context_switches(pid)
 
 
 def softirq_seconds(cpu: int) -> float:
@@ -72,7 +61,7 @@ def measure(mode: str, client_cpu: int, server_cpu: int, duration: int) -> dict:
     try:
         wrk.run(server.url, connections=CONNECTIONS, threads=1, duration=1, close=True,
                 wrapper=pin_wrk)    # warm-up
-        workers = children_of(server.pid)
+        workers = children(server.pid)
         processes = [server.pid, *workers]
         before = {pid: process_counters(pid) for pid in processes}
         softirq_before = softirq_seconds(server_cpu)

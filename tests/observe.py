@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from cydispatch.bench.server import cpu_seconds
 from http_client import get
 from waiting import wait_until
 
@@ -99,12 +100,6 @@ def distinct_workers_answer(server, wanted: int = 2) -> set[int]:
     wait_until(lambda: seen.add(get(server.host, server.port).pid) or len(seen) >= wanted,
                interval=0, message=f"{wanted} distinct workers to answer")
     return seen
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def busy_worker(server, conn, path: str) -> int:

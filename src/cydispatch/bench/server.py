@@ -22,6 +22,13 @@ BARE_READY = re.compile(r"bare server ready http://(.+) \((\d+) workers\)")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 class ServerFailed(RuntimeError):
     """The server exited, or did not get ready in time; the message has its log."""
 
@@ -116,9 +123,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the primary (or bare parent) so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return cpu_seconds(self.pid)
 
     def peak_rss_kb(self) -> int:
         """The primary's peak resident set size (VmHWM)."""
