@@ -135,6 +135,8 @@ cdef enum Command:          # primary -> worker
     COMMAND_HANDOFF = 1     # fds in SCM_RIGHTS, `count` of them
     COMMAND_STOP = 2        # finish what you hold: close idle connections
     COMMAND_FINAL = 3       # nothing follows: exit once you hold nothing
+    COMMAND_WAKE = 4        # what waited in your channel was taken back:
+                            # say that your loop turns (see _observe_busy)
 
 cdef struct CommandMessage:
     uint32_t command
@@ -1048,8 +1050,8 @@ cdef class Dispatcher:
                     # Until it reads or reports: given nothing meanwhile,
                     # not handed back what was just taken from it.  Nudged
                     # before the take-back, so that a worker that was only
-                    # slow to run finds its channel empty and the nudge set,
-                    # and reports at once (WorkerChannel.receive).
+                    # slow to run finds the nudge set when it reads, and
+                    # reports at once (WorkerChannel.receive).
                     s.not_reading = True
                     atomic_store_u32(&s.page.nudge, 1)
                 self.any_unread = True
@@ -1057,8 +1059,17 @@ cdef class Dispatcher:
                 s.stuck = True
             if s.stuck:
                 self.any_stuck = True
-                if in_flight(s):
-                    self._reclaim(s)
+                if in_flight(s) and self._reclaim(s) and s.not_reading:
+                    # A worker that was only slow to run may have found the
+                    # channel readable and then, once it ran, empty: it
+                    # sleeps without reading the nudge, and is given nothing
+                    # until its next heartbeat (a second).  Seen under the
+                    # skew workload: one worker idle for up to a second at
+                    # a time, the other carrying every slow request alone.
+                    # This message makes the channel readable again.  A
+                    # worker frozen for good leaves it unread; a later
+                    # take-back drops it with the handoffs and sends another.
+                    send_command(s.channel, COMMAND_WAKE)
         return 0
 
     cdef inline int _assign(self, int i, int fd) except -1:
@@ -1612,6 +1623,7 @@ cdef class WorkerChannel:
                 stop = True
             elif command.command == COMMAND_FINAL:
                 final = True
+            # COMMAND_WAKE asks only for the report _nudge_if_asked sends.
         # Taken back while this worker was slow to read, the primary waits
         # to hear that its loop turns (see Dispatcher._observe_busy).
         self._nudge_if_asked()

@@ -425,6 +425,26 @@ def test_a_worker_that_reads_nothing_gives_back_what_waits_in_its_channel(rig):
     assert (frozen.open_connections, frozen.queued) == (0, 0)
 
 
+def test_a_worker_that_was_only_slow_to_run_is_woken_to_report_after_a_take_back(rig):
+    # Descheduled for a few milliseconds, the worker found its channel
+    # readable; by the time it ran, the primary had taken everything back.
+    # Nothing on its channel would wake it again before its next heartbeat.
+    r = rig()
+    slow = r.attach(0)
+    clients = r.connect(3)
+    hand_out(r, 3)
+    wait_until(lambda: r.dispatcher.run(0) is not None and r.dispatcher.reclaimed == 3,
+               message="what waits in the slow worker's channel taken back")
+    readable, _, _ = select.select([slow.fileno()], [], [], 5)
+    assert readable, "the worker's channel stays silent: it would sleep until its heartbeat"
+    assert slow.receive(within_hand=True)[0] == []  # reading it sends the report
+    given_back = []
+    wait_until(lambda: r.dispatcher.run(0) is not None
+               and given_back.extend(slow.receive()[0]) is None and len(given_back) == 3,
+               message="the taken-back connections handed to it again")
+    assert sorted(peers_of(given_back)) == sorted(addresses(clients))
+
+
 def test_a_full_channel_sends_connections_elsewhere(rig):
     r = rig()
     blocked = r.attach(0, keep_channel_copy=True)
