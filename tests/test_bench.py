@@ -23,7 +23,7 @@ needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
 @needs_wrk
 def test_bench_measures_every_mode_and_workload(tmp_path):
     result = subprocess.run(
-        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--workers", "2",
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0", "--workers", "2",
          "--connections", "16", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -42,6 +42,7 @@ def test_bench_measures_every_mode_and_workload(tmp_path):
         balance = runs[mode, "balance"]["wrk"]
         assert len(balance["workers"]) == 2
         assert sum(balance["workers"].values()) == balance["requests"]
+    assert results["config"]["warmup"] == 0     # the other bench tests warm up
     machine = results["machine"]
     assert machine["cpus_usable"] >= 1 and machine["kernel"] and machine["versions"]["wrk"]
     summary = results["summary"]
@@ -147,7 +148,7 @@ def test_client_cpus_must_be_usable(tmp_path, cpus, words):
                                  "cydispatch.bench.starlette_app:app"])
 def test_bench_runs_an_app_in_every_mode(tmp_path, app):
     result = subprocess.run(
-        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--app", app,
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0", "--app", app,
          "--modes", "dispatch/least-conn", "shared", "bare",
          "--workloads", "keepalive", "skew", "balance", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300)
@@ -166,7 +167,7 @@ def test_bench_runs_an_app_in_every_mode(tmp_path, app):
 @needs_wrk
 def test_bench_runs_nodes_cluster_beside_the_built_in_app(tmp_path):
     result = subprocess.run(
-        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--peers", "node",
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0", "--peers", "node",
          "--modes", "dispatch/least-conn", "--workloads", "keepalive", "balance",
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -186,7 +187,7 @@ def test_bench_runs_nodes_cluster_beside_the_built_in_app(tmp_path):
 def test_bench_runs_the_app_under_uvicorn_granian_and_gunicorn_too(tmp_path):
     peers = ["uvicorn", "granian", "gunicorn"]
     result = subprocess.run(
-        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1",
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0",
          "--app", "cydispatch.bench.apps:hello", "--peers", ",".join(peers),
          "--modes", "dispatch/least-conn", "--workloads", "keepalive", "balance",
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -234,6 +235,14 @@ def test_bench_app_errors_are_one_line(tmp_path, args, words):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_negative_warmup_is_a_one_line_error(tmp_path):
+    result = subprocess.run([CYDISPATCH, "bench", "--warmup", "-1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "argument --warmup: must not be negative" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_bench_peer_that_is_not_installed(tmp_path):

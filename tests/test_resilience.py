@@ -417,8 +417,10 @@ def test_a_worker_stuck_at_exit_is_killed_after_the_graceful_timeout(start_serve
 def test_a_worker_stuck_at_exit_on_its_own_is_killed_and_replaced(start_server, mode):
     # Its loop ends (SIGQUIT) and closes its channel, but the process hangs
     # on: silent from then on, it is the watchdog's, in every mode.
+    # The replacement hangs at exit too: the stop that ends the test kills
+    # it after the graceful timeout.
     server = start_server("hangs_at_exit:app", "--app-dir", APPS, "--mode", mode,
-                          "--timeout", "2", workers=1)
+                          "--timeout", "2", "--graceful-timeout", "1", workers=1)
     [old] = server.started_workers()
     os.kill(old, signal.SIGQUIT)
     server.wait_for_log(rf"Worker {old} has not answered for")

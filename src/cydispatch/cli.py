@@ -46,6 +46,7 @@ def argument_type(parse, check=settings_module.nothing_to_check):
 
 
 positive_int = argument_type(settings_module.whole_number, settings_module.at_least(1))
+non_negative_int = argument_type(settings_module.whole_number, settings_module.at_least(0))
 
 
 def cpu_list(text: str) -> tuple[int, ...]:
@@ -162,6 +163,10 @@ def build_parser() -> CliParser:
                        help="length of each workload run (default: %(default)s)")
     bench.add_argument("--rounds", type=positive_int, default=5, metavar="N",
                        help="interleaved rounds (default: %(default)s)")
+    bench.add_argument("--warmup", type=non_negative_int, default=1, metavar="SECONDS",
+                       help="after each server starts, this long with keep-alive "
+                            "and then with new connections, not measured; 0: none "
+                            "(default: %(default)s)")
     bench.add_argument("--connections", type=positive_int, default=64, metavar="N",
                        help="wrk connections (default: %(default)s)")
     bench.add_argument("--modes", nargs="+", choices=list(BENCH_MODES),
@@ -306,7 +311,7 @@ def run_bench(args: argparse.Namespace) -> int:
         modes = tuple(mode for mode in modes if mode != runner.REFERENCE)
     config = runner.BenchConfig(
         workers=args.workers, duration=args.duration, rounds=args.rounds,
-        connections=args.connections, modes=modes,
+        warmup=args.warmup, connections=args.connections, modes=modes,
         workloads=tuple(args.workloads), client_cpus=args.client_cpus,
         app=args.app, app_dir=os.path.abspath(args.app_dir), interface=interface,
         app_threads=args.threads, peers=args.peers)

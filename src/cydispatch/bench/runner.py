@@ -126,7 +126,7 @@ def measure_mode(mode: str, config: BenchConfig, round_number: int,
     try:
         # Warm up: the first connections pay for imports, allocations and
         # cold kernel caches, in every mode alike.
-        for name in ("keepalive", "close"):
+        for name in ("keepalive", "close") if config.warmup else ():
             run_workload(server, WORKLOADS[name], config, config.warmup)
         for name in workloads_for(mode, config):
             workload = WORKLOADS[name]
