@@ -23,8 +23,8 @@ needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
 @needs_wrk
 def test_bench_measures_every_mode_and_workload(tmp_path):
     result = subprocess.run(
-        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0", "--workers", "2",
-         "--connections", "16", "--out", str(tmp_path)],
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0",
+         "--workers", "2", "--connections", "16", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
@@ -148,8 +148,8 @@ def test_client_cpus_must_be_usable(tmp_path, cpus, words):
                                  "cydispatch.bench.starlette_app:app"])
 def test_bench_runs_an_app_in_every_mode(tmp_path, app):
     result = subprocess.run(
-        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0", "--app", app,
-         "--modes", "dispatch/least-conn", "shared", "bare",
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0",
+         "--app", app, "--modes", "dispatch/least-conn", "shared", "bare",
          "--workloads", "keepalive", "skew", "balance", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -167,8 +167,8 @@ def test_bench_runs_an_app_in_every_mode(tmp_path, app):
 @needs_wrk
 def test_bench_runs_nodes_cluster_beside_the_built_in_app(tmp_path):
     result = subprocess.run(
-        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0", "--peers", "node",
-         "--modes", "dispatch/least-conn", "--workloads", "keepalive", "balance",
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "1", "--warmup", "0",
+         "--peers", "node", "--modes", "dispatch/least-conn", "--workloads", "keepalive", "balance",
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
