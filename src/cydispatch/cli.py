@@ -14,9 +14,9 @@ import os
 import sys
 
 from cydispatch import __version__, logs
-from cydispatch.bench.peers import PEERS
-from cydispatch.bench.runner import MODES as BENCH_MODES
-from cydispatch.bench.runner import WORKLOADS as BENCH_WORKLOADS
+from cydispatch.bench.catalog import MODES as BENCH_MODES
+from cydispatch.bench.catalog import PEERS
+from cydispatch.bench.catalog import WORKLOADS as BENCH_WORKLOADS
 from cydispatch.listener import ListenError, parse_admin_address
 from cydispatch import settings as settings_module
 from cydispatch.settings import ENV_PREFIX, Settings, env_name, flag_name

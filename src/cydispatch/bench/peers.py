@@ -18,11 +18,9 @@ import time
 import urllib.error
 import urllib.request
 
+from cydispatch.bench.catalog import BUILTIN_APP_PEERS, PEERS
 from cydispatch.bench.server import ServerFailed, ServerProcess
 
-PEERS = ("uvicorn", "granian", "gunicorn", "node")
-# Peers that serve the built-in app's routes themselves; the others serve --app.
-BUILTIN_APP_PEERS = ("node",)
 NODE_CLUSTER = os.path.join(os.path.dirname(__file__), "node_cluster.js")
 
 

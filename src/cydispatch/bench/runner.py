@@ -20,44 +20,9 @@ import time
 from dataclasses import dataclass
 
 from cydispatch.bench import peers, report, wrk
+from cydispatch.bench.catalog import (BASELINE, MODES, REFERENCE, REFERENCE_WORKLOADS,
+                                      SLOW_MS, WORKLOADS, Workload)
 from cydispatch.bench.server import BareServer, CydispatchServer, ServerProcess
-
-BASELINE = "reuseport"
-# Mode name -> `cydispatch serve` arguments; "bare" is the reference server for
-# the worker's HTTP layer.  It answers every path with the hello body and has
-# no deferred accept, so it runs the keep-alive workload only: anywhere else
-# the comparison would not be like for like.
-REFERENCE = "bare"
-REFERENCE_WORKLOADS = ("keepalive",)
-MODES = {
-    "dispatch/least-conn": ("--mode", "dispatch", "--policy", "least-conn"),
-    "dispatch/round-robin": ("--mode", "dispatch", "--policy", "round-robin"),
-    "reuseport": ("--mode", "reuseport"),
-    "shared": ("--mode", "shared"),
-    "bare": None,
-}
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    description: str
-    close: bool = False         # a new connection for every request
-    slow_every: int = 0         # one request in N is /slow?ms=SLOW_MS
-    count_workers: bool = False  # count which worker answered each request
-
-
-SLOW_MS = 20
-WORKLOADS = {
-    "keepalive": Workload("keepalive", "keep-alive connections, GET /"),
-    "close": Workload("close", "a new connection per request (Connection: close)",
-                      close=True),
-    "skew": Workload("skew", f"like close, but 1 request in 1000 burns {SLOW_MS} ms "
-                     "of CPU", close=True, slow_every=1000),
-    "balance": Workload("balance", "like close, counting the worker that answers "
-                        "each request", close=True, count_workers=True),
-}
-
 
 @dataclass(frozen=True)
 class BenchConfig:
