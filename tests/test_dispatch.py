@@ -34,11 +34,18 @@ def test_least_conn_avoids_the_worker_holding_connections(start_server):
             owners.items(), key=lambda item: -len(item[1]))
         for conn in free_conns:
             conn.close()
-        # Once the free worker has seen its connections close it gets every
-        # new connection: the busy one still holds its own.
+        # Once the free worker has seen its connections close it gets the new
+        # connections: the busy one still holds its own.  Not quite every one:
+        # a worker kept off its CPU for over 300 us while still inside the
+        # callback that answered the last request reads as stuck in a slow
+        # request (src/dispatch.pyx, _observe_busy), and on a loaded machine
+        # that happens now and then.  Alternating, or picking at random,
+        # would give the busy worker about half.
         wait_until(lambda: get(server.host, server.port).pid == free,
                    message="the free worker to get a connection")
-        assert pids_answering(server, 10) == [free] * 10
+        pids = pids_answering(server, 20)
+        assert set(pids) <= {free, busy}
+        assert pids.count(free) >= 18, pids
     finally:
         for conn in held:
             conn.close()
