@@ -192,7 +192,7 @@ def test_a_watchdog_restart_is_counted(start_server):
     os.kill(frozen, signal.SIGSTOP)
     server.wait_for_log(rf"Worker {frozen} has not answered")
     restarts = metrics(server)["cydispatch_worker_restarts_total"]
-    assert restarts[(("reason", "watchdog"),)] == 1
+    assert restarts[(("reason", "watchdog"),)] == 1, server.log
     assert restarts[(("reason", "crash"),)] == 0
 
 

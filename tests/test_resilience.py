@@ -258,6 +258,28 @@ def test_watchdog_replaces_a_hung_worker(start_server, record_property, mode):
     assert len(server.find(r"has not answered")) == 1
 
 
+def test_a_stall_of_the_whole_machine_kills_no_worker(start_server):
+    # A virtual machine descheduled by its host, or a laptop resumed from
+    # sleep: every process stops at once and resumes at once.  The primary
+    # may then run before the workers have sent the heartbeats that fell due
+    # meanwhile; their silence says nothing about their loops.
+    server = start_server("--timeout", "2")
+    workers = server.started_workers()
+    os.killpg(server.pgid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(state_of(pid) == "T" for pid in [server.pid, *workers]),
+                   message="the primary and its workers to stop")
+        time.sleep(2.5)     # the stall itself: longer than --timeout
+    finally:
+        os.killpg(server.pgid, signal.SIGCONT)
+    # Absence needs a window: longer than the watchdog takes to confirm.
+    with pytest.raises(ServerFailed, match="timed out"):
+        server.wait_for_log(r"has not answered", timeout=2.0)
+    assert all(alive(pid) for pid in workers)
+    assert server.started_workers() == workers
+    assert get(server.host, server.port).status == 200
+
+
 def test_watchdog_off_leaves_a_stopped_worker_alone(start_server):
     server = start_server("--timeout", "0", "--log-level", "debug")
     victim = next(iter(server.started_workers()))

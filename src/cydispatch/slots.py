@@ -29,7 +29,7 @@ class WorkerProcess:
     """One live worker process and what the primary knows of it."""
 
     __slots__ = ("pid", "channel", "slot", "ready", "started_at", "retiring",
-                 "kill_at", "exit_by", "killed")
+                 "kill_at", "exit_by", "killed", "silent_at")
 
     def __init__(self, pid: int, channel: int, slot: WorkerSlot) -> None:
         self.pid = pid
@@ -41,6 +41,7 @@ class WorkerProcess:
         self.kill_at = 0.0          # watchdog: SIGKILL then, if still alive
         self.exit_by = 0.0          # retiring: SIGKILL then, if still alive
         self.killed = False         # SIGKILL sent: only its exit is left to see
+        self.silent_at = 0.0        # watchdog: first seen silent past --timeout
 
 
 class WorkerSlot:

@@ -40,6 +40,12 @@ log = logging.getLogger("cydispatch.primary")
 
 # A worker the watchdog stops gets this long between SIGTERM and SIGKILL.
 WATCHDOG_KILL_GRACE = 3.0
+# A worker found silent past --timeout is stopped only if it is still silent
+# this much later.  When the whole machine stalls (a virtual machine its host
+# deschedules, a laptop that sleeps) every process resumes at once, and the
+# primary may look before the workers have sent the heartbeats that fell due
+# meanwhile: a worker whose loop turns sends one as soon as it runs.
+WATCHDOG_CONFIRM = 0.5
 # Before it is ready a worker is importing and binding, which on a loaded
 # machine can take seconds: the watchdog allows at least this much.
 BOOT_TIMEOUT = 10.0
@@ -231,6 +237,7 @@ class Arbiter:
         elif not self.stopping:
             due += self.slots.starts_after(now)
         due += [w.kill_at for w in self.workers.values() if w.kill_at]
+        due += [w.silent_at + WATCHDOG_CONFIRM for w in self.workers.values() if w.silent_at]
         due += [w.exit_by for w in self.workers.values() if w.exit_by]
         if self.notifier.ping_at is not None:
             due.append(self.notifier.ping_at)
@@ -572,6 +579,11 @@ class Arbiter:
             limit = timeout if worker.ready else max(timeout, BOOT_TIMEOUT)
             silence = self.dispatcher.silence(worker.channel)
             if silence < limit:
+                worker.silent_at = 0.0
+                continue
+            if not worker.silent_at:
+                worker.silent_at = now
+            if now < worker.silent_at + WATCHDOG_CONFIRM:
                 continue
             log.warning("Worker %d has not answered for %.1f s (--timeout %g); "
                         "stopping it", worker.pid, silence, timeout)
