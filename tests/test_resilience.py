@@ -19,7 +19,7 @@ from conftest import APPS, app_server
 from http_client import Connection, get
 from load_client import LoadClient, failures, summary
 from observe import alive, listen_queue, processes_in_group
-from cydispatch.bench.server import STARTED, ServerFailed
+from cydispatch.bench.server import STARTED, ServerFailed, cpu_seconds
 from waiting import DEADLINE, wait_until
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -256,6 +256,18 @@ def test_watchdog_replaces_a_hung_worker(start_server, record_property, mode):
         assert not lost, summary(lost)
     # The other worker, busy but alive, was left alone.
     assert len(server.find(r"has not answered")) == 1
+
+
+def test_the_primary_waits_for_a_hung_worker_to_die_without_spinning(start_server):
+    server = start_server("--timeout", "2")
+    victim = next(iter(server.started_workers()))
+    stop_process(victim)
+    server.wait_for_log(rf"Worker {victim} has not answered")
+    # A stopped process ignores SIGTERM: it is killed 3 s later.  Until then
+    # the primary has only that timer to wait for.
+    before = cpu_seconds(server.pid)
+    wait_until(lambda: not alive(victim), message="the hung worker to be killed")
+    assert cpu_seconds(server.pid) - before < 0.5
 
 
 def test_a_stall_of_the_whole_machine_kills_no_worker(start_server):

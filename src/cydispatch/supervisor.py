@@ -585,6 +585,7 @@ class Arbiter:
                 worker.silent_at = now
             if now < worker.silent_at + WATCHDOG_CONFIRM:
                 continue
+            worker.silent_at = 0.0  # judged: kill_at is its only timer now
             log.warning("Worker %d has not answered for %.1f s (--timeout %g); "
                         "stopping it", worker.pid, silence, timeout)
             self.retire(worker)
