@@ -16,9 +16,17 @@ from waiting import DEADLINE, wait_until
 def test_round_robin_alternates(start_server):
     server = start_server("--policy", "round-robin")
     distinct_workers_answer(server)   # both workers are ready
-    pids = pids_answering(server, 20)
-    assert len(set(pids)) == 2
-    assert all(a != b for a, b in zip(pids, pids[1:], strict=False)), pids
+    # Each connection to the other worker.  Round robin passes over a worker
+    # read as stuck (kept off its CPU for 300 us inside the callback that
+    # answered, which a loaded machine does now and then), as it passes over
+    # a busy one; so a batch may repeat a worker once, and a load spike may
+    # spoil a whole batch, not every batch.  Picking at random repeats about
+    # every other time: 1 repeat or none in 19 pairs is 1 chance in 26,000.
+    def alternates() -> bool:
+        pids = pids_answering(server, 20)
+        return len(set(pids)) == 2 and sum(
+            a == b for a, b in zip(pids, pids[1:], strict=False)) <= 1
+    wait_until(alternates, message="20 connections alternating between the workers")
 
 
 def test_least_conn_avoids_the_worker_holding_connections(start_server):
@@ -39,13 +47,14 @@ def test_least_conn_avoids_the_worker_holding_connections(start_server):
         # a worker kept off its CPU for over 300 us while still inside the
         # callback that answered the last request reads as stuck in a slow
         # request (src/dispatch.pyx, _observe_busy), and on a loaded machine
-        # that happens now and then.  Alternating, or picking at random,
-        # would give the busy worker about half.
-        wait_until(lambda: get(server.host, server.port).pid == free,
-                   message="the free worker to get a connection")
-        pids = pids_answering(server, 20)
-        assert set(pids) <= {free, busy}
-        assert pids.count(free) >= 18, pids
+        # that happens now and then, more often in a load spike.  So: a batch
+        # of 20 with at most one to the busy worker.  Alternating would give
+        # it half; picking at random, 19 or more of 20 in 1 chance in 50,000.
+        def free_gets_them() -> bool:
+            pids = pids_answering(server, 20)
+            assert set(pids) <= {free, busy}
+            return pids.count(free) >= 19
+        wait_until(free_gets_them, message="19 of 20 new connections to the free worker")
     finally:
         for conn in held:
             conn.close()
