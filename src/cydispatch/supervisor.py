@@ -237,7 +237,10 @@ class Arbiter:
         elif not self.stopping:
             due += self.slots.starts_after(now)
         due += [w.kill_at for w in self.workers.values() if w.kill_at]
-        due += [w.silent_at + WATCHDOG_CONFIRM for w in self.workers.values() if w.silent_at]
+        # Only while watch_workers may still judge it: a timer that stays in
+        # the past would make the primary spin.
+        due += [w.silent_at + WATCHDOG_CONFIRM for w in self.workers.values()
+                if w.silent_at and not (w.killed or w.kill_at)]
         due += [w.exit_by for w in self.workers.values() if w.exit_by]
         if self.notifier.ping_at is not None:
             due.append(self.notifier.ping_at)
