@@ -508,6 +508,9 @@ def test_a_stop_while_apps_start_lets_them_finish_starting(start_server, tmp_pat
     server.wait_for_log(r"Stopping")
     gate.touch()    # startup ends after the stop began; then the workers leave
     assert server.proc.wait(30) == 0
+    # Read to the end of its log first: the primary has exited, its last
+    # lines may still be in the pipe.
+    server.wait_for_log(r"Worker \d+ exited \(exit code 0\)", count=2)
     assert not server.find(r"Traceback|cannot start|exit code [1-9]|died"), server.log
     assert len(server.find(r"Worker \d+ exited \(exit code 0\)")) == 2
 
