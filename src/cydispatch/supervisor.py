@@ -237,8 +237,9 @@ class Arbiter:
         elif not self.stopping:
             due += self.slots.starts_after(now)
         due += [w.kill_at for w in self.workers.values() if w.kill_at]
-        # Only while watch_workers may still judge it: a timer that stays in
-        # the past would make the primary spin.
+        # Only while watch_workers may still judge it: once it is being
+        # killed, a first-silent time left in the past would make the
+        # primary spin.
         due += [w.silent_at + WATCHDOG_CONFIRM for w in self.workers.values()
                 if w.silent_at and not (w.killed or w.kill_at)]
         due += [w.exit_by for w in self.workers.values() if w.exit_by]
@@ -588,7 +589,6 @@ class Arbiter:
                 worker.silent_at = now
             if now < worker.silent_at + WATCHDOG_CONFIRM:
                 continue
-            worker.silent_at = 0.0  # judged: kill_at is its only timer now
             log.warning("Worker %d has not answered for %.1f s (--timeout %g); "
                         "stopping it", worker.pid, silence, timeout)
             self.retire(worker)
