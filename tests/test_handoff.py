@@ -557,6 +557,27 @@ def test_the_primary_hands_a_worker_no_more_than_it_has_descriptors_for(rig):
         os.close(fd)
 
 
+def test_a_full_worker_is_warned_of_once_when_its_handoffs_come_and_go(rig):
+    # Full, then frozen: what waits in its channel is taken back and its
+    # count falls to nothing, then handed to it again once it reads.  It is
+    # the same shortage, not a new one: the operator hears of it once.
+    r = rig(queue_depth=50)
+    worker = r.attach(0)
+    worker.set_fd_room(4)
+    clients = r.connect(4)
+    events = []
+    wait_until(lambda: events.extend(r.dispatcher.run(0)) is None
+               and r.dispatcher.reclaimed == 4,
+               message="what waits in the frozen worker's channel taken back")
+    assert worker.receive(within_hand=True)[0] == []    # it reads: the report
+    given_back = []
+    wait_until(lambda: events.extend(r.dispatcher.run(0)) is None
+               and given_back.extend(worker.receive()[0]) is None and len(given_back) == 4,
+               message="the taken-back connections handed to it again")
+    assert sorted(peers_of(given_back)) == sorted(addresses(clients))
+    assert events.count((Event.EVENT_WORKER_FULL, 0)) == 1
+
+
 # Signals
 
 def test_every_delivered_signal_is_an_event():
