@@ -69,6 +69,25 @@ def listening_inodes(port: int) -> set[int]:
     return inodes
 
 
+def backlog_and_states(port: int) -> tuple[int, dict[int, str]]:
+    """In one read of /proc/net/tcp: the accept queue of the listener on
+    `port`, and the TCP state of the server's end of each connection to it,
+    by client port."""
+    backlog, states = None, {}
+    with open("/proc/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            fields = row.split()
+            if int(fields[1].rpartition(":")[2], 16) != port:
+                continue
+            if fields[3] == "0A":
+                backlog = int(fields[4].partition(":")[2], 16)
+            else:
+                states[int(fields[2].rpartition(":")[2], 16)] = fields[3]
+    if backlog is None:
+        raise AssertionError(f"no listener on port {port}")
+    return backlog, states
+
+
 def listen_queue(port: int) -> int:
     """Connections waiting in the accept queue of the listener on `port`."""
     with open("/proc/net/tcp") as f:
