@@ -54,10 +54,15 @@ def snapshot_of(arbiter) -> dict:
     Every container is copied before it is walked (one step under the GIL),
     so the loop's thread may change them meanwhile; but an exited worker's
     counts move from its page to the totals under counts_lock, taken here
-    too, so that no scrape counts them twice or not at all.
+    too, so that no scrape counts them twice or not at all.  /proc is read
+    after the lock is let go: the loop takes it to reap a worker, and must
+    not wait on a file read for it.
     """
     with arbiter.counts_lock:
-        return read_snapshot(arbiter)
+        snapshot = read_snapshot(arbiter)
+    for worker in snapshot["workers"]:
+        worker["rss_bytes"] = resident_bytes(worker["pid"])
+    return snapshot
 
 
 def read_snapshot(arbiter) -> dict:
@@ -89,7 +94,7 @@ def read_snapshot(arbiter) -> dict:
             "connections": opened, "queued": queued,
             "requests": sum(counts),
             "handed": handed if settings.mode == "dispatch" else None,
-            "restarts": slot.restarts, "rss_bytes": resident_bytes(worker.pid),
+            "restarts": slot.restarts, "rss_bytes": None,     # read by snapshot_of
             "uptime_seconds": round(now - worker.started_at, 3),
         })
     workers.sort(key=lambda w: (w["worker"], w["state"] != "draining"))
