@@ -122,9 +122,10 @@ cdef double ACCEPT_PAUSE_SECONDS = 0.1
 # beyond its current load for this long, so its connections are not bounced
 # between full workers in a loop.
 cdef double WORKER_FULL_SECONDS = 1.0
-# A worker short of descriptors is warned of at most this often: the same
-# shortage comes and goes as handoffs are taken back from it and handed to it
-# again, and one line a minute tells an operator as much as one per refill.
+# A worker short of descriptors is warned of at most this often while it
+# lasts: its count comes and goes with every close, and with handoffs taken
+# back from it and handed to it again; one line a minute tells an operator as
+# much as one per refill.
 cdef double FULL_WARNING_SECONDS = 60.0
 # How soon the loop looks again at a worker that has handoffs waiting in its
 # channel and has not taken any since it last looked: rare enough not to
@@ -496,8 +497,8 @@ cdef struct Slot:
     uint32_t full_at        # load at which it ran out of descriptors...
     double full_until       # ...which caps it until then; 0 when not capped
     uint32_t lost           # connections it could not install, not yet told
-    bint at_room            # holds all it has descriptors for
-    double full_warned_at   # when that was last said; 0: never
+    double full_warned_at   # when it was last said to hold all it has
+                            # descriptors for; 0: never
     uint32_t events         # EVENT_* bits not yet returned to Python
     bint recycle_asked      # EVENT_RECYCLE was returned for this worker
     double last_heard       # when its last report came: the watchdog's clock
@@ -688,7 +689,6 @@ cdef class Dispatcher:
         s.state = SLOT_STARTING
         s.full_until = 0
         s.lost = 0
-        s.at_room = False
         s.full_warned_at = 0
         s.congested = False
         s.stop_pending = False
@@ -967,21 +967,15 @@ cdef class Dispatcher:
             unread = atomic_load_u32(&s.page.queued) + s.batch_len
             load = atomic_load_u32(&s.page.open) + s.batch_len
             room = atomic_load_u32(&s.page.fd_room)
-            if room and load >= room - (room >> 3 if s.at_room else 0):
-                # The kernel would close what it cannot install.  Said once
-                # until it is an eighth below again, not at every close, and
-                # not again within FULL_WARNING_SECONDS.
-                if not s.at_room:
-                    s.at_room = True
-                    now = monotonic()
-                    if s.full_warned_at == 0 or now - s.full_warned_at >= FULL_WARNING_SECONDS:
-                        s.full_warned_at = now
-                        s.events |= EVENT_WORKER_FULL
-                        self.has_events = True
-                if load >= room:
-                    continue
-            elif s.at_room:
-                s.at_room = False
+            if room and load >= room:
+                # The kernel would close what it cannot install.  Said at
+                # most once every FULL_WARNING_SECONDS while it lasts.
+                now = monotonic()
+                if s.full_warned_at == 0 or now - s.full_warned_at >= FULL_WARNING_SECONDS:
+                    s.full_warned_at = now
+                    s.events |= EVENT_WORKER_FULL
+                    self.has_events = True
+                continue
             if not self.stopping:
                 depth = self.queue_depth * (
                     STUCK_DEPTH_FACTOR if self.any_stuck else CHANNEL_AHEAD_FACTOR)
