@@ -20,6 +20,11 @@ static inline uint32_t atomic_add_u32(uint32_t *p, uint32_t v) {
 static inline uint32_t atomic_sub_u32(uint32_t *p, uint32_t v) {
     return __atomic_sub_fetch(p, v, __ATOMIC_SEQ_CST);
 }
+/* 1 if *p held `expected` and now holds `desired`, else 0 (unchanged). */
+static inline int atomic_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
 /* The duration histogram's counters (LoadPage.durations): the worker is
  * their only writer, the primary reads them at a scrape.  Whole 64-bit
  * loads and stores are all either needs, so no ordering is asked for. */

@@ -49,8 +49,10 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 from posix.unistd cimport close, dup, read
 
+import os
+
 from system cimport (
-    atomic_add_u32, atomic_exchange_u32, atomic_load_u32, atomic_store_u32,
+    atomic_add_u32, atomic_cas_u32, atomic_exchange_u32, atomic_load_u32, atomic_store_u32,
     atomic_sub_u32, relaxed_load_u64, relaxed_store_u64, CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_SPACE, EPOLL_CLOEXEC,
     EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, MAP_FAILED,
     MAP_SHARED, MSG_CMSG_CLOEXEC, MSG_CTRUNC, MSG_DONTWAIT, MSG_NOSIGNAL,
@@ -96,6 +98,10 @@ cdef enum:
     # not behind a slow request: it is taken back if the worker gets stuck.
     CHANNEL_AHEAD_FACTOR = 4
     LOAD_PAGE_SIZE = 4096
+    # Introductions (COMMAND_SIBLING) a take-back finds in one channel and
+    # sends again; one per sibling, so more only on a very wide machine,
+    # where the worker then steals from fewer siblings.
+    MAX_KEPT_INTRODUCTIONS = 64
     # Buckets of the request-duration histogram: DURATION_BOUNDS_US, then
     # one for everything slower.
     DURATION_BUCKETS = 18
@@ -132,6 +138,9 @@ cdef double FULL_WARNING_SECONDS = 60.0
 # cost wake-ups under load (a worker reads within microseconds), soon enough
 # that a frozen worker's connections move on at once to a client.
 cdef double UNREAD_RECHECK_SECONDS = 0.005
+# How soon a stop that found a sibling taking from the worker's channel is
+# tried again: the sibling is in there for a few system calls.
+cdef double GATE_RECHECK_SECONDS = 0.001
 
 
 # Wire format.  Both ends are this module on one machine, so native layout.
@@ -142,6 +151,12 @@ cdef enum Command:          # primary -> worker
     COMMAND_FINAL = 3       # nothing follows: exit once you hold nothing
     COMMAND_WAKE = 4        # what waited in your channel was taken back:
                             # say that your loop turns (see _observe_busy)
+    COMMAND_SIBLING = 5     # a sibling's channel end and load page, 2 fds;
+                            # its slot in the bits above COMMAND_MASK
+
+cdef enum:
+    COMMAND_MASK = 0xFF
+    COMMAND_SLOT_SHIFT = 8
 
 cdef struct CommandMessage:
     uint32_t command
@@ -151,6 +166,16 @@ cdef struct ReportMessage:  # worker -> primary; every report is also a heartbea
     uint32_t state          # a WorkerState
     uint32_t lost           # handed connections it could not install since
                             # its last report (out of descriptors)
+
+# LoadPage.steal_gate.  A sibling takes from a stuck worker's channel only
+# between a successful OPEN -> STEALING and its STEALING -> OPEN; the
+# primary closes the gate (OPEN -> CLOSED) before it sends a command other
+# than a handoff, and waits while a sibling is in (see _close_gate), so a
+# sibling never takes a stop meant for the worker.
+cdef enum:
+    STEAL_CLOSED = 0
+    STEAL_OPEN = 1
+    STEAL_STEALING = 2
 
 cdef struct HandoffControl:  # ancillary buffer for one handoff
     cmsghdr header
@@ -186,6 +211,14 @@ cdef struct LoadPage:
                           # nudge sends it only once its queue is down to
                           # this (0: at once), so that the primary wakes
                           # once per batch, not once per connection
+    uint32_t sent       # handoffs the primary sent (wrapping), and of those
+    uint32_t reclaimed  # taken back by it or by a sibling: what waits in the
+                        # channel is sent - reclaimed - received
+    uint32_t steal_gate  # STEAL_*: whether siblings may take from the channel
+    uint32_t stolen     # connections this worker took from stuck siblings
+    uint32_t reintroduce  # set by a sibling that took an introduction (a
+                          # COMMAND_SIBLING) meant for this worker: the
+                          # primary sends them all again
     uint64_t durations[DURATION_BUCKETS]  # requests answered, by how long
                                           # they took (see observe())
     uint64_t duration_sum_us  # the sum of those durations
@@ -305,14 +338,15 @@ cdef void fdq_close_all(FdQueue *q) noexcept:
     q.capacity = 0
 
 
-cdef int send_handoff(int channel, const int *fds, int count) noexcept nogil:
+cdef int send_handoff(int channel, const int *fds, int count,
+                      uint32_t kind=COMMAND_HANDOFF) noexcept nogil:
     """Send `count` (<= 253) fds in one message; 0 or the errno."""
     cdef CommandMessage command
     cdef HandoffControl control
     cdef iovec iov
     cdef msghdr msg
     cdef cmsghdr *header
-    command.command = COMMAND_HANDOFF
+    command.command = kind
     command.count = <uint32_t>count
     iov.iov_base = &command
     iov.iov_len = sizeof(command)
@@ -488,6 +522,7 @@ cdef LoadPage *map_load_page(int load_fd) except NULL:
 cdef struct Slot:
     int channel             # primary's end of the socketpair, -1 when empty
     int peer                # the worker's end: what it has not received is there
+    int load_fd             # its load page, for its siblings (COMMAND_SIBLING)
     SlotState state
     bint congested          # its channel was full; skipped until it reads
     uint32_t congested_at   # (in_flight then) or reports
@@ -507,8 +542,8 @@ cdef struct Slot:
     uint32_t seen_received  # page.received when last looked at, and since
     uint32_t seen_at        # when it has not moved with handoffs waiting (0: it moves)
     bint not_reading        # ...for too long: stuck until it reads or reports
-    uint32_t sent           # fds sent over the channel (wrapping), and of
-    uint32_t reclaimed      # those, taken back: see in_flight()
+    uint32_t sent           # fds sent over the channel (wrapping); also in
+                            # the page, for siblings: see in_flight()
     uint64_t handed_total   # connections handed to this worker, for stats
     uint32_t orphaned       # left for others when its channel closed
     int batch_len
@@ -517,7 +552,8 @@ cdef struct Slot:
 
 cdef inline uint32_t in_flight(Slot *s) noexcept:
     """Fds sent to the worker that are still in its channel."""
-    return s.sent - s.reclaimed - atomic_load_u32(&s.page.received)
+    return (s.sent - atomic_load_u32(&s.page.reclaimed)
+            - atomic_load_u32(&s.page.received))
 
 
 cdef inline void close_all(const int *fds, int count) noexcept nogil:
@@ -558,9 +594,12 @@ cdef class Dispatcher:
         bint any_stuck          # some worker is stuck (see _observe_busy)
         bint any_unread         # some worker has not read handoffs waiting for
                                 # it: look again soon, even with nothing to wake us
+        bint gate_waiting       # a stop waits for a sibling to leave its
+                                # channel (_close_gate): look again soon
         uint64_t accepted_total
         uint64_t redispatched_total
         uint64_t reclaimed_total
+        uint64_t stolen_total   # by workers that have exited (see stolen)
         uint64_t lost_total
         int signal_count
         unsigned char signals[MAX_PENDING_SIGNALS]
@@ -636,6 +675,9 @@ cdef class Dispatcher:
         if s.peer >= 0:
             close(s.peer)
             s.peer = -1
+        if s.load_fd >= 0:
+            close(s.load_fd)
+            s.load_fd = -1
         close_all(s.batch, s.batch_len)
         s.batch_len = 0
         if s.page != NULL:
@@ -656,6 +698,7 @@ cdef class Dispatcher:
             for i in range(self.nslots, index + 1):
                 slots[i].channel = -1
                 slots[i].peer = -1
+                slots[i].load_fd = -1
             self.slots = slots
             self.nslots = index + 1
         return &self.slots[index]
@@ -673,13 +716,18 @@ cdef class Dispatcher:
         """
         cdef Slot *s = self._slot(slot)
         cdef LoadPage *page
+        cdef int load_copy = -1
         if s.channel >= 0:
             raise ValueError(f"slot {slot} already has a worker")
         page = map_load_page(load_fd)
         try:
+            if peer_fd >= 0:
+                load_copy = os.dup(load_fd)     # close-on-exec
             self._watch(channel_fd, <uint64_t>slot, EPOLLIN)
         except BaseException:
             munmap(page, LOAD_PAGE_SIZE)
+            if load_copy >= 0:
+                close(load_copy)
             raise
         s.page = page
         atomic_store_u32(&page.hand_limit, self.queue_depth)
@@ -701,7 +749,7 @@ cdef class Dispatcher:
         s.not_reading = False
         s.last_heard = monotonic()
         s.sent = 0
-        s.reclaimed = 0
+        s.load_fd = load_copy
         s.handed_total = 0
         s.orphaned = 0
         s.batch_len = 0
@@ -823,6 +871,16 @@ cdef class Dispatcher:
         return self.accepted_total
 
     @property
+    def stolen(self):
+        """Connections workers took from the channels of siblings stuck in slow requests."""
+        cdef uint64_t total = self.stolen_total
+        cdef int i
+        for i in range(self.nslots):
+            if self.slots[i].page != NULL:
+                total += atomic_load_u32(&self.slots[i].page.stolen)
+        return total
+
+    @property
     def redispatched(self):
         """Connections handed a second time: their worker never received them."""
         return self.redispatched_total
@@ -883,6 +941,8 @@ cdef class Dispatcher:
             until = deadline
             if self.resume_accept_at and self.resume_accept_at < until:
                 until = self.resume_accept_at
+            if self.gate_waiting and now + GATE_RECHECK_SECONDS < until:
+                until = now + GATE_RECHECK_SECONDS
             if self.any_unread and now + UNREAD_RECHECK_SECONDS < until:
                 # A worker frozen with handoffs in its channel (SIGSTOP, a
                 # blocked loop) must not hold them until something else
@@ -920,6 +980,7 @@ cdef class Dispatcher:
         if self.orphans.count:
             self._observe_busy()
             self._dispatch_orphans()
+        self.gate_waiting = False
         for i in range(self.nslots):
             if self.slots[i].batch_len:
                 self._flush(i)
@@ -1018,6 +1079,10 @@ cdef class Dispatcher:
                 continue
             if s.congested and in_flight(s) < s.congested_at:
                 s.congested = False     # it has read from its channel since
+            if atomic_load_u32(&s.page.reintroduce):
+                atomic_store_u32(&s.page.reintroduce, 0)
+                if s.state == SLOT_ACTIVE:
+                    self._introduce(i, False)
             if s.state != SLOT_ACTIVE:
                 continue
             since = atomic_load_u32(&s.page.busy_since)
@@ -1051,17 +1116,25 @@ cdef class Dispatcher:
                     now = clock_us()
                 if s.seen_at == 0:
                     s.seen_at = now
-                elif NOT_READING_MICROSECONDS < now - s.seen_at < 0x80000000:
+                elif (NOT_READING_MICROSECONDS < now - s.seen_at < 0x80000000
+                        and self._close_gate(s)):
                     # Until it reads or reports: given nothing meanwhile,
                     # not handed back what was just taken from it.  Nudged
                     # before the take-back, so that a worker that was only
                     # slow to run finds the nudge set when it reads, and
-                    # reports at once (WorkerChannel.receive).
+                    # reports at once (WorkerChannel.receive).  Its gate
+                    # stays closed meanwhile: the wake-up sent below is for
+                    # it, not for a sibling passing by.
                     s.not_reading = True
                     atomic_store_u32(&s.page.nudge, 1)
                 self.any_unread = True
             if s.not_reading:
                 s.stuck = True
+            elif (not self.stopping
+                    and atomic_load_u32(&s.page.steal_gate) == STEAL_CLOSED):
+                # Serving: siblings may take what waits for it if it gets
+                # stuck.  Only the primary moves the gate from closed.
+                atomic_store_u32(&s.page.steal_gate, STEAL_OPEN)
             if s.stuck:
                 self.any_stuck = True
                 if in_flight(s) and self._reclaim(s) and s.not_reading:
@@ -1190,6 +1263,7 @@ cdef class Dispatcher:
             # The worker's copy is the only one now (see the top).
             close_all(s.batch, sent)
             s.sent += sent
+            atomic_store_u32(&s.page.sent, s.sent)
             s.handed_total += sent
             if sent == count:
                 s.batch_len = 0
@@ -1223,6 +1297,8 @@ cdef class Dispatcher:
         cdef int err
         if s.batch_len:
             return 0    # the batch goes first
+        if not self._close_gate(s):
+            return 0    # a sibling is taking from its channel: a moment
         if s.stop_pending:
             err = send_command(s.channel, COMMAND_STOP)
             if err == errno.EAGAIN or err == errno.ENOBUFS:
@@ -1237,6 +1313,54 @@ cdef class Dispatcher:
             s.final_pending = False
         return 0
 
+    cdef bint _close_gate(self, Slot *s) noexcept:
+        """Keep siblings out of the worker's channel: True once they are.
+
+        Before a message meant for the worker alone (a stop, a wake-up).
+        False while a sibling is taking from it; the caller tries again
+        (gate_waiting brings the loop back soon).  It opens again only once
+        the worker serves and reads (_observe_busy).
+        """
+        if atomic_cas_u32(&s.page.steal_gate, STEAL_OPEN, STEAL_CLOSED):
+            return True
+        if atomic_load_u32(&s.page.steal_gate) == STEAL_CLOSED:
+            return True
+        self.gate_waiting = True
+        return False
+
+    cdef void _introduce(self, int i, bint to_siblings=True) noexcept:
+        """Worker i now serves: it and its serving siblings learn of each other.
+
+        Each gets the other's channel end and load page (COMMAND_SIBLING),
+        so that a worker with time to spare can take, from a sibling stuck
+        in a slow request, the handoffs waiting in its channel: at once, where
+        the primary, sharing a CPU with the busy ones, sees it only when it
+        next runs (see WorkerChannel.steal).  Best effort: a channel with no
+        room for the message goes without, and loses only the shortcut.
+        `to_siblings` False: only i hears of them again.
+        """
+        cdef Slot *s = &self.slots[i]
+        cdef Slot *other
+        cdef int fds[2]
+        cdef int j
+        if s.peer < 0 or s.load_fd < 0:
+            return      # a baseline mode: workers accept for themselves
+        for j in range(self.nslots):
+            other = &self.slots[j]
+            if j == i or other.peer < 0 or other.load_fd < 0:
+                continue
+            if other.state != SLOT_ACTIVE:
+                continue    # one starting learns of i when it serves
+            if to_siblings:
+                fds[0] = s.peer
+                fds[1] = s.load_fd
+                send_handoff(other.channel, fds, 2,
+                             COMMAND_SIBLING | (<uint32_t>i << COMMAND_SLOT_SHIFT))
+            fds[0] = other.peer
+            fds[1] = other.load_fd
+            send_handoff(s.channel, fds, 2,
+                         COMMAND_SIBLING | (<uint32_t>j << COMMAND_SLOT_SHIFT))
+
     cdef uint32_t _reclaim(self, Slot *s, bint worker_alive=True) except? 0xFFFFFFFF:
         """Take back what waits in the worker's end of its channel.
 
@@ -1250,7 +1374,9 @@ cdef class Dispatcher:
         cdef int *fds = NULL
         cdef uint32_t installed, k, taken = 0
         cdef ssize_t received
-        cdef int spare
+        cdef int spare, n, introductions = 0
+        cdef uint32_t kinds[MAX_KEPT_INTRODUCTIONS]
+        cdef int kept[MAX_KEPT_INTRODUCTIONS * 2]
         if s.peer < 0:
             return 0
         while True:
@@ -1266,15 +1392,30 @@ cdef class Dispatcher:
             if received <= 0:
                 break   # EAGAIN: nothing more waits
             if command.command != COMMAND_HANDOFF:
-                continue    # a stop the worker will not read now
+                if (worker_alive and installed == 2
+                        and (command.command & COMMAND_MASK) == COMMAND_SIBLING
+                        and introductions < MAX_KEPT_INTRODUCTIONS):
+                    # Queued behind the handoffs: it goes back (below).
+                    kinds[introductions] = command.command
+                    kept[2 * introductions] = fds[0]
+                    kept[2 * introductions + 1] = fds[1]
+                    introductions += 1
+                else:
+                    # A wake-up sent again if need be; a stop the worker
+                    # will not read now; a sibling for one that is gone.
+                    close_all(fds, installed)
+                continue
             for k in range(installed):
                 fdq_push(&self.orphans, fds[k])
-            s.reclaimed += command.count
+            atomic_add_u32(&s.page.reclaimed, command.count)
             atomic_sub_u32(&s.page.open, command.count)
             atomic_sub_u32(&s.page.queued, command.count)
             # Beyond `installed`: the primary itself is out of descriptors.
             self.lost_total += command.count - installed
             taken += installed
+        for n in range(introductions):
+            send_handoff(s.channel, &kept[2 * n], 2, kinds[n])
+            close_all(&kept[2 * n], 2)
         self.reclaimed_total += taken
         return taken
 
@@ -1317,6 +1458,7 @@ cdef class Dispatcher:
             s.state = SLOT_ACTIVE
             s.events |= EVENT_READY
             self.has_events = True
+            self._introduce(<int>(s - self.slots))
         elif report.state == WORKER_DRAINING and (
                 s.state == SLOT_STARTING or s.state == SLOT_ACTIVE):
             s.state = SLOT_RETIRING
@@ -1338,6 +1480,10 @@ cdef class Dispatcher:
         for k in range(s.batch_len):
             fdq_push(&self.orphans, s.batch[k])
         s.batch_len = 0
+        # Siblings keep their copies of its channel end until another
+        # worker takes the slot: they must not look there meanwhile.
+        atomic_store_u32(&s.page.steal_gate, STEAL_CLOSED)
+        self.stolen_total += atomic_load_u32(&s.page.stolen)
         orphaned += self._reclaim(s, False)
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, s.channel, NULL)
         close(s.channel)
@@ -1345,6 +1491,9 @@ cdef class Dispatcher:
         if s.peer >= 0:
             close(s.peer)
             s.peer = -1
+        if s.load_fd >= 0:
+            close(s.load_fd)
+            s.load_fd = -1
         if s.page != NULL:
             munmap(s.page, LOAD_PAGE_SIZE)
             s.page = NULL
@@ -1419,6 +1568,11 @@ cdef class WorkerChannel:
         bint busy_held          # hold_busy(): begin/end leave the stamp alone
         uint32_t request_mark   # when the request being answered began (observe_since_begin)
         uint32_t in_hand        # received, not reached yet (see hand_full)
+        # The serving siblings, by slot (COMMAND_SIBLING): the worker's end
+        # of each one's channel (-1: none) and its load page.
+        int *sibling_channels
+        LoadPage **sibling_pages
+        int nsiblings
 
     def __cinit__(self, int fd, int load_fd=-1):
         self.fd = -1
@@ -1430,6 +1584,11 @@ cdef class WorkerChannel:
         self.state = WORKER_STARTING
 
     def __dealloc__(self):
+        cdef int k
+        for k in range(self.nsiblings):
+            self._forget_sibling(k)
+        free(self.sibling_channels)
+        free(self.sibling_pages)
         if self.mapped:
             munmap(self.page, LOAD_PAGE_SIZE)
         if self.fd >= 0:
@@ -1628,6 +1787,9 @@ cdef class WorkerChannel:
                 stop = True
             elif command.command == COMMAND_FINAL:
                 final = True
+            elif (command.command & COMMAND_MASK) == COMMAND_SIBLING:
+                self._learn_sibling(command.command >> COMMAND_SLOT_SHIFT,
+                                    data, installed)
             # COMMAND_WAKE asks only for the report _nudge_if_asked sends.
         # Taken back while this worker was slow to read, the primary waits
         # to hear that its loop turns (see Dispatcher._observe_busy).
@@ -1635,6 +1797,165 @@ cdef class WorkerChannel:
         if self.report_waiting:
             self._send_waiting()
         return fds, stop, final, closed
+
+    # Siblings: taking over what waits for a worker stuck in a slow request
+
+    cdef void _learn_sibling(self, uint32_t slot, int *fds, uint32_t installed) noexcept:
+        """Keep a sibling's channel end and map its load page (COMMAND_SIBLING).
+
+        Replaces what was kept for the slot's previous worker.  Without room
+        for it (no descriptor, no memory) the sibling is only not known:
+        stealing is a shortcut the primary's take-back also covers.
+        """
+        cdef void *page
+        cdef int *channels
+        cdef LoadPage **pages
+        cdef int k
+        if installed != 2 or slot >= 0x10000:
+            close_all(fds, installed)
+            return
+        page = mmap(NULL, LOAD_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0)
+        close(fds[1])
+        if page == MAP_FAILED:
+            close(fds[0])
+            return
+        if <int>slot >= self.nsiblings:
+            channels = <int *>realloc(self.sibling_channels, (slot + 1) * sizeof(int))
+            if channels != NULL:
+                self.sibling_channels = channels
+            pages = <LoadPage **>realloc(self.sibling_pages, (slot + 1) * sizeof(LoadPage *))
+            if pages != NULL:
+                self.sibling_pages = pages
+            if channels == NULL or pages == NULL:
+                close(fds[0])
+                munmap(page, LOAD_PAGE_SIZE)
+                return
+            for k in range(self.nsiblings, slot + 1):
+                self.sibling_channels[k] = -1
+                self.sibling_pages[k] = NULL
+            self.nsiblings = slot + 1
+        if self.sibling_channels[slot] < 0 and atomic_load_u32(&self.page.fd_room) > 1:
+            # One descriptor fewer for connections (see set_fd_room).
+            atomic_sub_u32(&self.page.fd_room, 1)
+        self._forget_sibling(slot)
+        self.sibling_channels[slot] = fds[0]
+        self.sibling_pages[slot] = <LoadPage *>page
+
+    cdef void _forget_sibling(self, int slot) noexcept:
+        if self.sibling_channels[slot] >= 0:
+            close(self.sibling_channels[slot])
+            self.sibling_channels[slot] = -1
+        if self.sibling_pages[slot] != NULL:
+            munmap(self.sibling_pages[slot], LOAD_PAGE_SIZE)
+            self.sibling_pages[slot] = NULL
+
+    cdef bint _stuck_with_waiting(self, LoadPage *page, uint32_t *now) noexcept:
+        """A sibling inside one request for over STUCK_MICROSECONDS, handoffs
+        waiting in its channel, and its gate open."""
+        cdef uint32_t since, waiting
+        if page == NULL:
+            return False
+        since = atomic_load_u32(&page.busy_since)
+        if not since:
+            return False
+        if not now[0]:
+            now[0] = clock_us()
+        if not (STUCK_MICROSECONDS < now[0] - since < 0x80000000):
+            return False
+        if atomic_load_u32(&page.steal_gate) != STEAL_OPEN:
+            return False
+        # The primary stores `sent` just after the send, so `received` can
+        # be ahead of it for a moment: a "negative" count is nothing waiting.
+        waiting = (atomic_load_u32(&page.sent) - atomic_load_u32(&page.reclaimed)
+                   - atomic_load_u32(&page.received))
+        return 0 < waiting < 0x80000000
+
+    def sibling_stuck(self):
+        """True when a sibling is stuck in a slow request with handoffs waiting.
+
+        Cheap (loads from the siblings' pages, a clock read when one is in a
+        request): the worker asks after every connection it reaches.
+        """
+        cdef uint32_t now = 0
+        cdef int k
+        for k in range(self.nsiblings):
+            if self._stuck_with_waiting(self.sibling_pages[k], &now):
+                return True
+        return False
+
+    def steal(self):
+        """Take the handoffs waiting for siblings stuck in slow requests: a list of fds.
+
+        They are this worker's from here on, counted as the primary counts
+        what it hands (open, queued, in hand); the sibling's counts drop by
+        as many, and `reclaimed` on its page tells the primary they left its
+        channel.  One message at a time, each whole, so nothing is served
+        twice; never a stop meant for the sibling (the primary closes the
+        gate first); and only while this worker has descriptors for them.
+        """
+        cdef list fds = []
+        cdef CommandMessage command
+        cdef LoadPage *page
+        cdef int channel, k
+        cdef int *data = NULL
+        cdef uint32_t installed, lost, room, j, now = 0, taken = 0
+        cdef ssize_t received
+        if self.fd < 0:
+            return fds
+        for k in range(self.nsiblings):
+            page = self.sibling_pages[k]
+            if not self._stuck_with_waiting(page, &now):
+                continue
+            if not atomic_cas_u32(&page.steal_gate, STEAL_OPEN, STEAL_STEALING):
+                continue    # another sibling is in, or a stop is coming
+            channel = self.sibling_channels[k]
+            while True:
+                room = atomic_load_u32(&self.page.fd_room)
+                if room and atomic_load_u32(&self.page.open) >= room:
+                    break
+                received = receive_command(channel, &command, &self.control,
+                                           &data, &installed)
+                if received <= 0:
+                    break
+                if command.command != COMMAND_HANDOFF:
+                    # Never a stop (the gate).  An introduction is the
+                    # sibling's: the primary sends it again.  A wake-up is
+                    # not missed: leaving its request, the sibling reports
+                    # anyway if the primary asked (_nudge_if_asked).
+                    close_all(data, installed)
+                    if (command.command & COMMAND_MASK) == COMMAND_SIBLING:
+                        atomic_store_u32(&page.reintroduce, 1)
+                    continue
+                atomic_add_u32(&page.reclaimed, command.count)
+                atomic_sub_u32(&page.open, command.count)
+                atomic_sub_u32(&page.queued, command.count)
+                atomic_add_u32(&self.page.open, installed)
+                atomic_add_u32(&self.page.queued, installed)
+                self.in_hand += installed
+                taken += installed
+                for j in range(installed):
+                    fds.append(data[j])
+                if installed < command.count:
+                    lost = command.count - installed
+                    self.lost += lost
+                    self.lost_total += lost
+                    self.report_waiting = True
+            atomic_cas_u32(&page.steal_gate, STEAL_STEALING, STEAL_OPEN)
+        if taken:
+            atomic_add_u32(&self.page.stolen, taken)
+        if self.report_waiting:
+            self._send_waiting()
+        return fds
+
+    @property
+    def stolen(self):
+        """Connections this worker took from stuck siblings' channels."""
+        return atomic_load_u32(&self.page.stolen)
+
+    @property
+    def siblings(self):
+        """The slots of the siblings this worker knows of."""
+        return [k for k in range(self.nsiblings) if self.sibling_channels[k] >= 0]
 
     def report(self, uint32_t state):
         """Tell the primary this worker's state (a WorkerState)."""

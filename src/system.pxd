@@ -109,5 +109,6 @@ cdef extern from "atomics.h" nogil:
     uint32_t atomic_exchange_u32(uint32_t *p, uint32_t v)
     uint32_t atomic_add_u32(uint32_t *p, uint32_t v)
     uint32_t atomic_sub_u32(uint32_t *p, uint32_t v)
+    bint atomic_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired)
     uint64_t relaxed_load_u64(uint64_t *p)
     void relaxed_store_u64(uint64_t *p, uint64_t v)

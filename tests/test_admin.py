@@ -66,6 +66,7 @@ def test_metrics_count_connections_and_workers(start_server):
             message="one connection left open")
         assert seen["cydispatch_connections_accepted_total"][()] == 6
         redispatched = seen["cydispatch_connections_redispatched_total"][()]
+        stolen = seen["cydispatch_connections_stolen_total"][()]
         assert seen["cydispatch_workers"] == {(("state", "ready"),): 2,
                                               (("state", "starting"),): 0,
                                               (("state", "draining"),): 0}
@@ -80,8 +81,9 @@ def test_metrics_count_connections_and_workers(start_server):
     # say what the primary's own final count says.
     assert server.stop() == 0
     final = server.wait_for_log(r"(\d+) connections accepted, \d+ taken back from "
-                                r"workers that did not take them, (\d+) handed again")
-    assert [(int(m.group(1)), int(m.group(2))) for m in final] == [(6, redispatched)]
+                                r"workers that did not take them, (\d+) handed again, "
+                                r"(\d+) taken over by a worker from a stuck sibling")
+    assert [tuple(map(int, m.groups())) for m in final] == [(6, redispatched, stolen)]
 
 
 def test_requests_are_counted_per_worker_across_restarts(start_server):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import select
 import signal
 import time
+import urllib.request
 
+from conftest import ADMIN_LINE
 from http_client import Connection, get
 from load_client import LoadClient
 from observe import (SYN_RECV, backlog_and_states, busy_worker,
@@ -203,6 +206,30 @@ def test_a_worker_stuck_in_a_slow_request_gets_nothing_new_under_load(start_serv
     assert len(during) >= 50
     assert all(o.kind == "ok" for o in during)
     assert busy not in {o.pid for o in during}
+
+
+def test_a_free_worker_takes_over_what_waits_for_a_stuck_sibling(start_server):
+    # Slow requests now and then amid steady traffic: each one leaves the
+    # handoffs queued for its worker waiting, and the other worker, busy
+    # with the traffic, takes them itself (or the primary takes them back,
+    # whichever comes first).  Every request is answered.
+    server = start_server("--admin", "127.0.0.1:0", "--queue-depth", "1")
+    host, port = server.wait_for_log(ADMIN_LINE)[0].groups()
+
+    def stolen() -> int:
+        with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=10) as reply:
+            return json.load(reply)["connections"]["stolen"]
+
+    with LoadClient(server.host, server.port, threads=8, pause=0) as load, \
+            LoadClient(server.host, server.port, "/slow?ms=30", threads=2, pause=0.01) as slow:
+        wait_until(lambda: stolen() > 0, timeout=DEADLINE,
+                   message="a worker to take over from its stuck sibling")
+    outcomes = load.results() + slow.results()
+    assert outcomes and all(o.kind == "ok" for o in outcomes), \
+        {o.kind for o in outcomes}
+    assert server.stop() == 0
+    [final] = server.wait_for_log(r"(\d+) taken over by a worker from a stuck sibling")
+    assert int(final.group(1)) >= 1
 
 
 def test_a_connection_that_sends_nothing_is_not_accepted(start_server):

@@ -333,6 +333,127 @@ def test_a_stuck_worker_gives_back_what_it_has_not_received(rig):
     stuck.end()
 
 
+def stuck_with_handoffs_waiting(r: Rig) -> tuple[WorkerChannel, list[int]]:
+    """Slot 0's worker stuck in a request, 4 handoffs waiting in its channel.
+
+    Both workers got 6 connections; slot 0's took its --queue-depth (2) in
+    hand (returned, to close), so the primary never reads it as not reading
+    its channel.  Slot 1's worker has taken all of its own and knows of
+    slot 0.  The test runs the dispatcher no more: only a sibling can move
+    what waits.
+    """
+    stuck = r.attach(0)
+    free = r.attach(1)
+    r.connect(12)
+    hand_out(r, 12)
+    assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [6, 6]
+    in_hand = stuck.receive(within_hand=True)[0]
+    assert len(in_hand) == 2
+    assert len(free.receive()[0]) == 6 and free.siblings == [0]
+    stuck.begin()                           # enters a request and stays there
+    wait_until(free.sibling_stuck, message="the sibling seen as stuck")
+    return stuck, in_hand
+
+
+def test_workers_learn_of_each_other_once_both_serve(rig):
+    r = rig()
+    first = r.attach(0)
+    assert first.receive()[0] == [] and first.siblings == []
+    second = r.attach(1)
+    second.receive()
+    first.receive()
+    assert (first.siblings, second.siblings) == ([1], [0])
+    third = r.attach(2)
+    third.receive()
+    first.receive()
+    assert (first.siblings, third.siblings) == ([1, 2], [0, 1])
+
+
+def test_a_worker_takes_over_what_waits_for_a_sibling_stuck_in_a_slow_request(rig):
+    r = rig(queue_depth=2)
+    stuck = r.attach(0)
+    free = r.attach(1)
+    clients = r.connect(6)
+    hand_out(r, 6)
+    assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [3, 3]
+    taken_by_free = free.receive()[0]
+    assert not free.sibling_stuck()         # its sibling is not in a request
+    stuck.begin()
+    assert not free.sibling_stuck()         # ...for long, yet
+    wait_until(free.sibling_stuck, message="the sibling seen as stuck")
+    stolen = free.steal()
+    assert len(stolen) == 3
+    assert not free.sibling_stuck()         # nothing left to take
+    assert stuck.receive()[0] == []         # each connection went one way
+    assert (stuck.open_connections, stuck.queued) == (0, 0)
+    assert (free.open_connections, free.queued) == (6, 6)
+    assert r.dispatcher.load(0)[:3] == (0, 0, 0)
+    assert r.dispatcher.stolen == free.stolen == 3
+    assert sorted(peers_of(taken_by_free + stolen)) == sorted(addresses(clients))
+    stuck.end()
+
+
+def test_a_stuck_sibling_is_left_alone_while_a_stop_is_on_its_way(rig):
+    # The primary closes the gate before it sends a command: a sibling
+    # must never take the stop (or nothing-follows) meant for the worker.
+    r = rig()
+    stuck, in_hand = stuck_with_handoffs_waiting(r)
+    free = r.workers[1]
+    r.dispatcher.retire(0)
+    assert not free.sibling_stuck() and free.steal() == []
+    fds, stop, final, _ = stuck.receive()
+    assert len(fds) == 4 and stop and final
+    peers_of(in_hand + fds)
+    stuck.end()
+
+
+def test_an_introduction_a_sibling_takes_is_sent_again(rig):
+    # A third worker starts serving while the stuck one has handoffs
+    # waiting: the introduction is queued behind them, and a sibling taking
+    # them takes it too.  The primary sends it to the stuck one again.
+    r = rig()
+    stuck, in_hand = stuck_with_handoffs_waiting(r)
+    free = r.workers[1]
+    stuck.end()         # out of its request while the third one starts...
+    r.attach(2)
+    stuck.begin()       # ...and in a slow one again
+    wait_until(free.sibling_stuck, message="the sibling seen as stuck")
+    free.receive()
+    assert free.siblings == [0, 2]
+    assert len(free.steal()) == 4
+    r.dispatcher.run(0)
+    stuck.end()
+    assert stuck.receive()[0] == []
+    assert stuck.siblings == [1, 2]
+    peers_of(in_hand)
+
+
+def test_a_take_back_keeps_the_introductions_it_finds(rig):
+    # The primary takes back what waits for a stuck worker; an introduction
+    # found among the handoffs goes back to the worker, not into the void.
+    r = rig()
+    stuck = r.attach(0)
+    r.connect(2)
+    hand_out(r, 2)
+    stuck.begin()
+    r.attach(1)         # introduced to the stuck one, behind its handoffs
+    wait_until(lambda: r.dispatcher.run(0) is not None and r.dispatcher.reclaimed == 2,
+               message="the stuck worker's connections taken back")
+    stuck.end()
+    assert stuck.receive()[0] == []
+    assert stuck.siblings == [1]
+
+
+def test_a_dead_siblings_channel_is_left_to_the_primary(rig):
+    r = rig()
+    stuck, in_hand = stuck_with_handoffs_waiting(r)
+    free = r.workers[1]
+    stuck.close()                           # dies inside its request
+    assert r.dispatcher.detach(0) == 4      # taken back by the primary
+    assert not free.sibling_stuck() and free.steal() == []
+    peers_of(in_hand)
+
+
 def test_a_worker_takes_in_hand_no_more_than_the_queue_depth(rig):
     # The primary queues up to 4x --queue-depth for a worker, one message
     # per connection; the worker takes --queue-depth of them at a time, so

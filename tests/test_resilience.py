@@ -383,10 +383,10 @@ def test_max_requests_replaces_workers_without_failing_a_request(start_server, m
 # The primary out of descriptors when it starts a worker
 
 def test_a_worker_that_cannot_be_started_is_retried_and_service_goes_on(start_server):
-    # 18 descriptors: the primary's own, plus three per worker (both ends of
-    # its channel, its message socket), plus three while it starts one; a
-    # worker needs about 16.
-    server = start_server(workers=1, wrapper=("prlimit", "--nofile=18:18"))
+    # 22 descriptors: the primary's own, plus four per worker (both ends of
+    # its channel, its load page, its message socket), plus three while it
+    # starts one; a worker needs about 16.
+    server = start_server(workers=1, wrapper=("prlimit", "--nofile=22:22"))
     cannot = r"Cannot start a worker: Too many open files; trying again in [\d.]+ s"
     for added in range(2, 12):
         server.proc.send_signal(signal.SIGTTIN)
@@ -397,7 +397,7 @@ def test_a_worker_that_cannot_be_started_is_retried_and_service_goes_on(start_se
         if server.find(cannot):
             break
     else:
-        pytest.fail("16 descriptors never ran out")
+        pytest.fail("22 descriptors never ran out")
     # It tries again, later each time, and meanwhile the others serve.
     server.wait_for_log(cannot, count=3)
     assert get(server.host, server.port).status == 200

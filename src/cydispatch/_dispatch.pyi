@@ -67,6 +67,9 @@ class Dispatcher:
     @property
     def reclaimed(self) -> int: ...
     @property
+    def stolen(self) -> int:
+        """Connections workers took from the channels of siblings stuck in slow requests."""
+    @property
     def listening(self) -> bool: ...
 
 class WorkerChannel:
@@ -107,6 +110,15 @@ class WorkerChannel:
     def lost(self) -> int: ...
     def set_fd_room(self, room: int) -> None: ...
     def flush(self) -> bool: ...
+    def sibling_stuck(self) -> bool:
+        """A sibling is stuck in a slow request with handoffs waiting in its channel."""
+    def steal(self) -> list[int]:
+        """Take those handoffs: this worker's connections from now on."""
+    @property
+    def stolen(self) -> int: ...
+    @property
+    def siblings(self) -> list[int]:
+        """The slots of the siblings this worker knows of (COMMAND_SIBLING)."""
 
 class HandedSocket:
     """What uvloop's connect_accepted_socket needs of a handed fd, and no more."""

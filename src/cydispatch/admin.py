@@ -110,6 +110,7 @@ def read_snapshot(arbiter) -> dict:
         "connections": {
             "accepted": dispatcher.accepted if dispatching else None,
             "redispatched": dispatcher.redispatched if dispatching else None,
+            "stolen": dispatcher.stolen if dispatching else None,
         },
         "restarts": {reason: arbiter.slots.restarts[reason] for reason in RESTART_REASONS},
         "request_durations": {"bounds": list(DURATION_BOUNDS), "counts": durations,
@@ -160,6 +161,11 @@ class PrimaryCollector:
                 "Connections handed to a second worker: the first never took them "
                 "(it died or was stuck) or had no descriptor for them.",
                 value=connections["redispatched"])
+            yield CounterMetricFamily(
+                "cydispatch_connections_stolen",
+                "Connections a worker took from the channel of a sibling stuck in a "
+                "slow request, before the sibling reached them.",
+                value=connections["stolen"])
         restarts = CounterMetricFamily(
             "cydispatch_worker_restarts", "Workers replaced, by why.", labels=["reason"])
         for reason, count in view["restarts"].items():

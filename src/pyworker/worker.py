@@ -148,6 +148,7 @@ class Worker:
         # meanwhile, and a pull is due once it reaches one it holds.
         self.channel_watched = False
         self.pull_due = False
+        self.steal_due = False
         self.ticks = 0
         self.now = time.monotonic()
         self.responses = Responses()
@@ -554,12 +555,26 @@ class Worker:
     def dequeued(self, protocol) -> None:
         """The worker reached `protocol`'s request (or gave up on it): off its queue."""
         protocol.queued_at = None
-        self.channel.dequeue()
-        if not self.channel_watched and not self.pull_due and self.channel.fileno() >= 0:
+        channel = self.channel
+        channel.dequeue()
+        if not self.channel_watched and not self.pull_due and channel.fileno() >= 0:
             # Room in hand: take the next from the channel, after the
             # callback that made room (a response being written) is done.
             self.pull_due = True
             self.loop.call_soon(self.on_channel_readable)
+        if not self.steal_due and not self.draining and channel.sibling_stuck():
+            # What waits for a sibling stuck in a slow request would wait
+            # for all of it: serve it here instead (WorkerChannel.steal).
+            self.steal_due = True
+            self.loop.call_soon(self.steal_from_siblings)
+
+    def steal_from_siblings(self) -> None:
+        self.steal_due = False
+        if self.draining or self.channel.fileno() < 0:
+            return
+        fds = self.channel.steal()
+        if fds:
+            self.adopt(fds)
 
     # Stopping
 
