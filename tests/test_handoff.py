@@ -351,7 +351,7 @@ def stuck_with_handoffs_waiting(r: Rig) -> tuple[WorkerChannel, list[int]]:
     assert len(in_hand) == 2
     assert len(free.receive()[0]) == 6 and free.siblings == [0]
     stuck.begin()                           # enters a request and stays there
-    wait_until(free.sibling_stuck, message="the sibling seen as stuck")
+    wait_until(free.could_steal, message="the sibling seen as stuck")
     return stuck, in_hand
 
 
@@ -369,7 +369,7 @@ def test_workers_learn_of_each_other_once_both_serve(rig):
     assert (first.siblings, third.siblings) == ([1, 2], [0, 1])
 
 
-def test_a_worker_takes_over_what_waits_for_a_sibling_stuck_in_a_slow_request(rig):
+def test_a_worker_takes_over_what_waits_for_a_could_steal_in_a_slow_request(rig):
     r = rig(queue_depth=2)
     stuck = r.attach(0)
     free = r.attach(1)
@@ -377,13 +377,13 @@ def test_a_worker_takes_over_what_waits_for_a_sibling_stuck_in_a_slow_request(ri
     hand_out(r, 6)
     assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [3, 3]
     taken_by_free = free.receive()[0]
-    assert not free.sibling_stuck()         # its sibling is not in a request
+    assert not free.could_steal()         # its sibling is not in a request
     stuck.begin()
-    assert not free.sibling_stuck()         # ...for long, yet
-    wait_until(free.sibling_stuck, message="the sibling seen as stuck")
+    assert not free.could_steal()         # ...for long, yet
+    wait_until(free.could_steal, message="the sibling seen as stuck")
     stolen = free.steal()
     assert len(stolen) == 3
-    assert not free.sibling_stuck()         # nothing left to take
+    assert not free.could_steal()         # nothing left to take
     assert stuck.receive()[0] == []         # each connection went one way
     assert (stuck.open_connections, stuck.queued) == (0, 0)
     assert (free.open_connections, free.queued) == (6, 6)
@@ -393,6 +393,38 @@ def test_a_worker_takes_over_what_waits_for_a_sibling_stuck_in_a_slow_request(ri
     stuck.end()
 
 
+def test_an_idle_worker_takes_half_of_what_waits_for_a_busy_sibling(rig):
+    # Not stuck, only behind: with nothing in hand and its own channel
+    # empty, a worker would sleep while connections wait for its sibling.
+    r = rig(queue_depth=2)
+    busy = r.attach(0)
+    idle = r.attach(1)
+    idle.receive()
+    clients = r.connect(12)
+    hand_out(r, 12)
+    assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [6, 6]
+    in_hand = busy.receive(within_hand=True)[0]     # 4 wait in its channel
+    own = idle.receive()[0]
+    assert not idle.could_steal()           # it has six of its own in hand
+    for _ in own:
+        idle.dequeue()
+    assert idle.could_steal()               # now it has none
+    taken = idle.steal()
+    assert len(taken) == 2 and r.dispatcher.load(0)[2] == 2
+    assert (busy.open_connections, busy.queued) == (4, 4)
+    for _ in taken:
+        idle.dequeue()
+    assert idle.could_steal()               # of the two left, it takes one
+    taken += idle.steal()
+    assert len(taken) == 3 and r.dispatcher.load(0)[2] == 1
+    for _ in taken[2:]:
+        idle.dequeue()
+    assert not idle.could_steal()           # the last is the sibling's
+    rest = busy.receive()[0]
+    assert len(rest) == 1
+    assert sorted(peers_of(in_hand + own + taken + rest)) == sorted(addresses(clients))
+
+
 def test_a_stuck_sibling_is_left_alone_while_a_stop_is_on_its_way(rig):
     # The primary closes the gate before it sends a command: a sibling
     # must never take the stop (or nothing-follows) meant for the worker.
@@ -400,7 +432,7 @@ def test_a_stuck_sibling_is_left_alone_while_a_stop_is_on_its_way(rig):
     stuck, in_hand = stuck_with_handoffs_waiting(r)
     free = r.workers[1]
     r.dispatcher.retire(0)
-    assert not free.sibling_stuck() and free.steal() == []
+    assert not free.could_steal() and free.steal() == []
     fds, stop, final, _ = stuck.receive()
     assert len(fds) == 4 and stop and final
     peers_of(in_hand + fds)
@@ -417,7 +449,7 @@ def test_an_introduction_a_sibling_takes_is_sent_again(rig):
     stuck.end()         # out of its request while the third one starts...
     r.attach(2)
     stuck.begin()       # ...and in a slow one again
-    wait_until(free.sibling_stuck, message="the sibling seen as stuck")
+    wait_until(free.could_steal, message="the sibling seen as stuck")
     free.receive()
     assert free.siblings == [0, 2]
     assert len(free.steal()) == 4
@@ -450,7 +482,7 @@ def test_a_dead_siblings_channel_is_left_to_the_primary(rig):
     free = r.workers[1]
     stuck.close()                           # dies inside its request
     assert r.dispatcher.detach(0) == 4      # taken back by the primary
-    assert not free.sibling_stuck() and free.steal() == []
+    assert not free.could_steal() and free.steal() == []
     peers_of(in_hand)
 
 

@@ -110,10 +110,12 @@ class WorkerChannel:
     def lost(self) -> int: ...
     def set_fd_room(self, room: int) -> None: ...
     def flush(self) -> bool: ...
-    def sibling_stuck(self) -> bool:
-        """A sibling is stuck in a slow request with handoffs waiting in its channel."""
+    def could_steal(self) -> bool:
+        """Handoffs wait for a sibling stuck in a slow request, or (this worker
+        idle) two or more wait for a busy one."""
     def steal(self) -> list[int]:
-        """Take those handoffs: this worker's connections from now on."""
+        """Take those (all from a stuck sibling, half from a busy one): this
+        worker's connections from now on."""
     @property
     def stolen(self) -> int: ...
     @property

@@ -562,9 +562,10 @@ class Worker:
             # callback that made room (a response being written) is done.
             self.pull_due = True
             self.loop.call_soon(self.on_channel_readable)
-        if not self.steal_due and not self.draining and channel.sibling_stuck():
+        if not self.steal_due and not self.draining and channel.could_steal():
             # What waits for a sibling stuck in a slow request would wait
-            # for all of it: serve it here instead (WorkerChannel.steal).
+            # for all of it, and what waits for a busy one need not wait
+            # while this one sleeps: serve it here (WorkerChannel.steal).
             self.steal_due = True
             self.loop.call_soon(self.steal_from_siblings)
 
