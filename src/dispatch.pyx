@@ -1856,8 +1856,8 @@ cdef class WorkerChannel:
         they would wait for all of it.  Half, from one with two or more
         waiting, when this worker is `idle`: it would sleep while they wait,
         as a free worker on a shared socket would not (measured under the
-        close workload, bench/RESULTS.md: p99 1.27x a shared socket's
-        without this, 1.01x with it).  Only while its gate is open.
+        close workload, bench/RESULTS.md: p99 1.20x a shared socket's
+        without this, 1.02x with it).  Only while its gate is open.
         """
         cdef uint32_t since, waiting
         if page == NULL:
@@ -1880,6 +1880,21 @@ cdef class WorkerChannel:
             return waiting // 2
         return 0
 
+    cdef uint32_t _room_in_hand(self) noexcept:
+        """How many more unreached connections this worker may hold (see hand_full).
+
+        Stolen ones count too: taken straight into the hand, they can no
+        longer be moved on, so a worker that took more than its
+        --queue-depth would have them all caught if it met a slow request
+        itself (measured with both workers on one CPU: `skew` p99 33 ms
+        taking everything from a stuck sibling, 22 ms without stealing).
+        The rest stays in the sibling's channel for the next look.
+        """
+        cdef uint32_t limit = atomic_load_u32(&self.page.hand_limit)
+        if limit == 0:
+            return 0xFFFFFFFF
+        return limit - self.in_hand if self.in_hand < limit else 0
+
     cdef bint _idle(self) noexcept:
         """Nothing in hand and nothing waiting in its own channel."""
         cdef LoadPage *page = self.page
@@ -1898,7 +1913,10 @@ cdef class WorkerChannel:
         """
         cdef uint32_t now = 0
         cdef int k
-        cdef bint idle = self._idle()
+        cdef bint idle
+        if self._room_in_hand() == 0:
+            return False
+        idle = self._idle()
         for k in range(self.nsiblings):
             if self._takeable(self.sibling_pages[k], &now, idle):
                 return True
@@ -1920,14 +1938,19 @@ cdef class WorkerChannel:
         cdef int channel, k
         cdef int *data = NULL
         cdef uint32_t installed, lost, room, j, now = 0, taken = 0, want
+        cdef uint32_t hand_room = self._room_in_hand()
         cdef ssize_t received
         cdef bint idle
         if self.fd < 0:
             return fds
         idle = self._idle()
         for k in range(self.nsiblings):
+            if taken >= hand_room:
+                break
             page = self.sibling_pages[k]
             want = self._takeable(page, &now, idle)
+            if want > hand_room - taken:
+                want = hand_room - taken
             if not want:
                 continue
             if not atomic_cas_u32(&page.steal_gate, STEAL_OPEN, STEAL_STEALING):

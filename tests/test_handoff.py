@@ -338,9 +338,9 @@ def stuck_with_handoffs_waiting(r: Rig) -> tuple[WorkerChannel, list[int]]:
 
     Both workers got 6 connections; slot 0's took its --queue-depth (2) in
     hand (returned, to close), so the primary never reads it as not reading
-    its channel.  Slot 1's worker has taken all of its own and knows of
-    slot 0.  The test runs the dispatcher no more: only a sibling can move
-    what waits.
+    its channel.  Slot 1's worker has taken all of its own, reached all but
+    one (room for one more in hand: not idle) and knows of slot 0.  The test
+    runs the dispatcher no more: only a sibling can move what waits.
     """
     stuck = r.attach(0)
     free = r.attach(1)
@@ -350,9 +350,23 @@ def stuck_with_handoffs_waiting(r: Rig) -> tuple[WorkerChannel, list[int]]:
     in_hand = stuck.receive(within_hand=True)[0]
     assert len(in_hand) == 2
     assert len(free.receive()[0]) == 6 and free.siblings == [0]
+    for _ in range(5):
+        free.dequeue()
+    assert not free.could_steal()           # busy, not stuck: left to itself
     stuck.begin()                           # enters a request and stays there
     wait_until(free.could_steal, message="the sibling seen as stuck")
     return stuck, in_hand
+
+
+def steal_until_done(worker: WorkerChannel) -> list[int]:
+    """Steal, reach what was taken (room in hand again), until nothing more comes."""
+    taken = []
+    while stolen := worker.steal():
+        assert len(stolen) <= 2             # never more than its hand holds
+        for _ in stolen:
+            worker.dequeue()
+        taken += stolen
+    return taken
 
 
 def test_workers_learn_of_each_other_once_both_serve(rig):
@@ -369,7 +383,7 @@ def test_workers_learn_of_each_other_once_both_serve(rig):
     assert (first.siblings, third.siblings) == ([1, 2], [0, 1])
 
 
-def test_a_worker_takes_over_what_waits_for_a_could_steal_in_a_slow_request(rig):
+def test_a_worker_takes_over_what_waits_for_a_sibling_stuck_in_a_slow_request(rig):
     r = rig(queue_depth=2)
     stuck = r.attach(0)
     free = r.attach(1)
@@ -377,16 +391,22 @@ def test_a_worker_takes_over_what_waits_for_a_could_steal_in_a_slow_request(rig)
     hand_out(r, 6)
     assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [3, 3]
     taken_by_free = free.receive()[0]
-    assert not free.could_steal()         # its sibling is not in a request
+    free.dequeue()
+    free.dequeue()                          # one left in hand, room for one
+    assert not free.could_steal()           # its sibling is not in a request
     stuck.begin()
-    assert not free.could_steal()         # ...for long, yet
+    assert not free.could_steal()           # ...for long, yet
     wait_until(free.could_steal, message="the sibling seen as stuck")
     stolen = free.steal()
+    assert len(stolen) == 1                 # no more than its hand holds
+    free.dequeue()
+    free.dequeue()                          # its hand empty: room for two
+    stolen += free.steal()
     assert len(stolen) == 3
-    assert not free.could_steal()         # nothing left to take
+    assert not free.could_steal()           # nothing left to take
     assert stuck.receive()[0] == []         # each connection went one way
     assert (stuck.open_connections, stuck.queued) == (0, 0)
-    assert (free.open_connections, free.queued) == (6, 6)
+    assert (free.open_connections, free.queued) == (6, 2)   # it reached four
     assert r.dispatcher.load(0)[:3] == (0, 0, 0)
     assert r.dispatcher.stolen == free.stolen == 3
     assert sorted(peers_of(taken_by_free + stolen)) == sorted(addresses(clients))
@@ -452,7 +472,7 @@ def test_an_introduction_a_sibling_takes_is_sent_again(rig):
     wait_until(free.could_steal, message="the sibling seen as stuck")
     free.receive()
     assert free.siblings == [0, 2]
-    assert len(free.steal()) == 4
+    assert len(steal_until_done(free)) == 4
     r.dispatcher.run(0)
     stuck.end()
     assert stuck.receive()[0] == []
