@@ -1857,7 +1857,8 @@ cdef class WorkerChannel:
         waiting, when this worker is `idle`: it would sleep while they wait,
         as a free worker on a shared socket would not (measured under the
         close workload, bench/RESULTS.md: p99 1.20x a shared socket's
-        without this, 1.02x with it).  Only while its gate is open.
+        without this, 1.02x with it).  Only while its gate is open; steal()
+        takes no more than the room in hand (_room_in_hand).
         """
         cdef uint32_t since, waiting
         if page == NULL:

@@ -114,8 +114,8 @@ class WorkerChannel:
         """Handoffs wait for a sibling stuck in a slow request, or (this worker
         idle) two or more wait for a busy one."""
     def steal(self) -> list[int]:
-        """Take those (all from a stuck sibling, half from a busy one): this
-        worker's connections from now on."""
+        """Take those (all from a stuck sibling, half from a busy one, no more
+        than the hand has room for): this worker's connections from now on."""
     @property
     def stolen(self) -> int: ...
     @property
