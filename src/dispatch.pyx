@@ -216,6 +216,8 @@ cdef struct LoadPage:
                         # channel is sent - reclaimed - received
     uint32_t steal_gate  # STEAL_*: whether siblings may take from the channel
     uint32_t stolen     # connections this worker took from stuck siblings
+    uint32_t max_conns  # --max-conns, written by the primary: a worker takes
+                        # no more from its siblings past it
     uint32_t reintroduce  # set by a sibling that took an introduction (a
                           # COMMAND_SIBLING) meant for this worker: the
                           # primary sends them all again
@@ -732,6 +734,7 @@ cdef class Dispatcher:
         s.page = page
         atomic_store_u32(&page.hand_limit, self.queue_depth)
         atomic_store_u32(&page.nudge_below, self.queue_depth * CHANNEL_AHEAD_FACTOR // 2)
+        atomic_store_u32(&page.max_conns, self.max_conns)
         s.channel = channel_fd
         s.peer = peer_fd
         s.state = SLOT_STARTING
@@ -1892,6 +1895,9 @@ cdef class WorkerChannel:
         The rest stays in the sibling's channel for the next look.
         """
         cdef uint32_t limit = atomic_load_u32(&self.page.hand_limit)
+        cdef uint32_t most = atomic_load_u32(&self.page.max_conns)
+        if most and atomic_load_u32(&self.page.open) >= most:
+            return 0    # --max-conns holds for stolen connections too
         if limit == 0:
             return 0xFFFFFFFF
         return limit - self.in_hand if self.in_hand < limit else 0
@@ -1958,7 +1964,11 @@ cdef class WorkerChannel:
                 continue    # another sibling is in, or a stop is coming
             channel = self.sibling_channels[k]
             while want:
+                # Descriptors, then --max-conns, for each connection taken.
                 room = atomic_load_u32(&self.page.fd_room)
+                if room and atomic_load_u32(&self.page.open) >= room:
+                    break
+                room = atomic_load_u32(&self.page.max_conns)
                 if room and atomic_load_u32(&self.page.open) >= room:
                     break
                 received = receive_command(channel, &command, &self.control,

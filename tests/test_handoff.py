@@ -37,11 +37,11 @@ from waiting import wait_until, wait_until_async
 class Rig:
     """A Dispatcher on a loopback listener, with workers attached by hand."""
 
-    def __init__(self, queue_depth: int = 2) -> None:
+    def __init__(self, queue_depth: int = 2, max_conns: int = 1024) -> None:
         listener = socket.create_server(("127.0.0.1", 0), backlog=512)
         listener.setblocking(False)
         self.address = listener.getsockname()
-        self.dispatcher = Dispatcher(listener.detach(), -1, "least-conn", 1024,
+        self.dispatcher = Dispatcher(listener.detach(), -1, "least-conn", max_conns,
                                      queue_depth)
         self.workers: dict[int, WorkerChannel] = {}
         self.channel_copies: dict[int, int] = {}
@@ -443,6 +443,27 @@ def test_an_idle_worker_takes_half_of_what_waits_for_a_busy_sibling(rig):
     rest = busy.receive()[0]
     assert len(rest) == 1
     assert sorted(peers_of(in_hand + own + taken + rest)) == sorted(addresses(clients))
+
+
+def test_a_worker_at_max_conns_takes_nothing_from_its_siblings(rig):
+    # --max-conns 6: a worker holding six takes no more, stolen or handed.
+    r = rig(queue_depth=2, max_conns=6)
+    busy = r.attach(0)
+    full = r.attach(1)
+    r.connect(12)
+    hand_out(r, 12)
+    assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [6, 6]
+    in_hand = busy.receive(within_hand=True)[0]
+    held = full.receive()[0]
+    for _ in held:
+        full.dequeue()                      # idle, but six open
+    assert not full.could_steal() and full.steal() == []
+    os.close(held.pop())                    # one closes
+    full.closed()
+    assert full.could_steal()
+    taken = full.steal()
+    assert len(taken) == 1 and full.open_connections == 6
+    peers_of(in_hand + held + taken + busy.receive()[0])
 
 
 def test_a_stuck_sibling_is_left_alone_while_a_stop_is_on_its_way(rig):
