@@ -333,23 +333,34 @@ def test_a_stuck_worker_gives_back_what_it_has_not_received(rig):
     stuck.end()
 
 
-def stuck_with_handoffs_waiting(r: Rig) -> tuple[WorkerChannel, list[int]]:
-    """Slot 0's worker stuck in a request, 4 handoffs waiting in its channel.
+def six_handed_to_each(r: Rig) -> tuple[WorkerChannel, WorkerChannel, list[int], list[int]]:
+    """Two workers, 6 connections handed to each (queue depth 2).
 
-    Both workers got 6 connections; slot 0's took its --queue-depth (2) in
-    hand (returned, to close), so the primary never reads it as not reading
-    its channel.  Slot 1's worker has taken all of its own, reached all but
-    one (room for one more in hand: not idle) and knows of slot 0.  The test
-    runs the dispatcher no more: only a sibling can move what waits.
+    Slot 0's worker takes its --queue-depth in hand, 4 wait in its channel
+    (so the primary never reads it as not reading its channel); slot 1's
+    takes all six, and knows of slot 0.  Returns both and what each took.
     """
-    stuck = r.attach(0)
-    free = r.attach(1)
+    first = r.attach(0)
+    second = r.attach(1)
     r.connect(12)
     hand_out(r, 12)
     assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [6, 6]
-    in_hand = stuck.receive(within_hand=True)[0]
+    in_hand = first.receive(within_hand=True)[0]
     assert len(in_hand) == 2
-    assert len(free.receive()[0]) == 6 and free.siblings == [0]
+    taken = second.receive()[0]
+    assert len(taken) == 6 and second.siblings == [0]
+    return first, second, in_hand, taken
+
+
+def stuck_with_handoffs_waiting(r: Rig) -> tuple[WorkerChannel, list[int]]:
+    """Slot 0's worker stuck in a request, 4 handoffs waiting in its channel.
+
+    Slot 1's worker has reached all but one of its own (room for one more
+    in hand: not idle).  The test runs the dispatcher no more: only a
+    sibling can move what waits.
+    """
+    stuck, free, in_hand, own = six_handed_to_each(r)
+    peers_of(own)
     for _ in range(5):
         free.dequeue()
     assert not free.could_steal()           # busy, not stuck: left to itself
@@ -417,14 +428,7 @@ def test_an_idle_worker_takes_half_of_what_waits_for_a_busy_sibling(rig):
     # Not stuck, only behind: with nothing in hand and its own channel
     # empty, a worker would sleep while connections wait for its sibling.
     r = rig(queue_depth=2)
-    busy = r.attach(0)
-    idle = r.attach(1)
-    idle.receive()
-    clients = r.connect(12)
-    hand_out(r, 12)
-    assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [6, 6]
-    in_hand = busy.receive(within_hand=True)[0]     # 4 wait in its channel
-    own = idle.receive()[0]
+    busy, idle, in_hand, own = six_handed_to_each(r)  # 4 wait for the busy one
     assert not idle.could_steal()           # it has six of its own in hand
     for _ in own:
         idle.dequeue()
@@ -442,19 +446,13 @@ def test_an_idle_worker_takes_half_of_what_waits_for_a_busy_sibling(rig):
     assert not idle.could_steal()           # the last is the sibling's
     rest = busy.receive()[0]
     assert len(rest) == 1
-    assert sorted(peers_of(in_hand + own + taken + rest)) == sorted(addresses(clients))
+    assert sorted(peers_of(in_hand + own + taken + rest)) == sorted(addresses(r.clients))
 
 
 def test_a_worker_at_max_conns_takes_nothing_from_its_siblings(rig):
     # --max-conns 6: a worker holding six takes no more, stolen or handed.
     r = rig(queue_depth=2, max_conns=6)
-    busy = r.attach(0)
-    full = r.attach(1)
-    r.connect(12)
-    hand_out(r, 12)
-    assert [r.dispatcher.load(slot)[2] for slot in (0, 1)] == [6, 6]
-    in_hand = busy.receive(within_hand=True)[0]
-    held = full.receive()[0]
+    busy, full, in_hand, held = six_handed_to_each(r)
     for _ in held:
         full.dequeue()                      # idle, but six open
     assert not full.could_steal() and full.steal() == []
