@@ -1978,8 +1978,9 @@ cdef class WorkerChannel:
                 if command.command != COMMAND_HANDOFF:
                     # Never a stop (the gate).  An introduction is the
                     # sibling's: the primary sends it again.  A wake-up is
-                    # not missed: leaving its request, the sibling reports
-                    # anyway if the primary asked (_nudge_if_asked).
+                    # here only if the sibling has reported or read since it was
+                    # sent (the gate stays closed until then), so it has
+                    # done what the wake-up asked.
                     close_all(data, installed)
                     if (command.command & COMMAND_MASK) == COMMAND_SIBLING:
                         atomic_store_u32(&page.reintroduce, 1)
