@@ -167,7 +167,7 @@ cdef struct ReportMessage:  # worker -> primary; every report is also a heartbea
     uint32_t lost           # handed connections it could not install since
                             # its last report (out of descriptors)
 
-# LoadPage.steal_gate.  A sibling takes from a stuck worker's channel only
+# LoadPage.steal_gate.  A sibling takes from a worker's channel only
 # between a successful OPEN -> STEALING and its STEALING -> OPEN; the
 # primary closes the gate (OPEN -> CLOSED) before it sends a command other
 # than a handoff, and waits while a sibling is in (see _close_gate), so a
@@ -215,7 +215,7 @@ cdef struct LoadPage:
     uint32_t reclaimed  # taken back by it or by a sibling: what waits in the
                         # channel is sent - reclaimed - received
     uint32_t steal_gate  # STEAL_*: whether siblings may take from the channel
-    uint32_t stolen     # connections this worker took from stuck siblings
+    uint32_t stolen     # connections this worker took from siblings' channels
     uint32_t max_conns  # --max-conns, written by the primary: a worker takes
                         # no more from its siblings past it
     uint32_t reintroduce  # set by a sibling that took an introduction (a
@@ -875,7 +875,7 @@ cdef class Dispatcher:
 
     @property
     def stolen(self):
-        """Connections workers took from the channels of siblings stuck in slow requests."""
+        """Connections workers took from their siblings' channels (WorkerChannel.steal)."""
         cdef uint64_t total = self.stolen_total
         cdef int i
         for i in range(self.nslots):
@@ -1547,6 +1547,115 @@ cdef class Dispatcher:
         return events
 
 
+# What a worker knows of its siblings.
+
+@cython.final
+cdef class SiblingChannels:
+    """The serving siblings a worker knows of, by slot (COMMAND_SIBLING).
+
+    For each, the worker's end of its channel (-1: none), where handoffs it
+    has not received wait, and its load page, which says whether it is inside
+    a request, how many wait, and whether a sibling may take them (the
+    gate).  What to take is decided here (takeable); taking it, with this
+    worker's own counts, is WorkerChannel.steal's.
+    """
+
+    cdef:
+        int *channels
+        LoadPage **pages
+        int count       # slots 0 .. count-1 have an entry (maybe empty)
+
+    def __dealloc__(self):
+        cdef int k
+        for k in range(self.count):
+            self.forget(k)
+        free(self.channels)
+        free(self.pages)
+
+    cdef bint learn(self, uint32_t slot, int *fds, uint32_t installed) noexcept:
+        """Keep a sibling's channel end and map its load page: True if the slot was empty.
+
+        Replaces what was kept for the slot's previous worker.  Without room
+        for it (no descriptor, no memory) the sibling is only not known:
+        stealing is a shortcut the primary's take-back also covers.
+        """
+        cdef void *page
+        cdef int *channels
+        cdef LoadPage **pages
+        cdef int k
+        cdef bint new
+        if installed != 2 or slot >= 0x10000:
+            close_all(fds, installed)
+            return False
+        page = mmap(NULL, LOAD_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0)
+        close(fds[1])
+        if page == MAP_FAILED:
+            close(fds[0])
+            return False
+        if <int>slot >= self.count:
+            channels = <int *>realloc(self.channels, (slot + 1) * sizeof(int))
+            if channels != NULL:
+                self.channels = channels
+            pages = <LoadPage **>realloc(self.pages, (slot + 1) * sizeof(LoadPage *))
+            if pages != NULL:
+                self.pages = pages
+            if channels == NULL or pages == NULL:
+                close(fds[0])
+                munmap(page, LOAD_PAGE_SIZE)
+                return False
+            for k in range(self.count, slot + 1):
+                self.channels[k] = -1
+                self.pages[k] = NULL
+            self.count = slot + 1
+        new = self.channels[slot] < 0
+        self.forget(slot)
+        self.channels[slot] = fds[0]
+        self.pages[slot] = <LoadPage *>page
+        return new
+
+    cdef void forget(self, int slot) noexcept:
+        if self.channels[slot] >= 0:
+            close(self.channels[slot])
+            self.channels[slot] = -1
+        if self.pages[slot] != NULL:
+            munmap(self.pages[slot], LOAD_PAGE_SIZE)
+            self.pages[slot] = NULL
+
+    cdef uint32_t takeable(self, int slot, uint32_t *now, bint idle) noexcept:
+        """How many handoffs to take from the sibling's channel (0xFFFFFFFF: all).
+
+        All, from a sibling inside one request for over STUCK_MICROSECONDS:
+        they would wait for all of it.  Half, from one with two or more
+        waiting, when this worker is `idle`: it would sleep while they wait,
+        as a free worker on a shared socket would not (measured under the
+        close workload, bench/RESULTS.md: p99 1.20x a shared socket's
+        without this, 1.02x with it).  Only while its gate is open; steal()
+        takes no more than the room in hand (_room_in_hand).  `now` is the
+        clock, read once for all siblings when first needed.
+        """
+        cdef LoadPage *page = self.pages[slot]
+        cdef uint32_t since, waiting
+        if page == NULL:
+            return 0
+        # The primary stores `sent` just after the send, so `received` can
+        # be ahead of it for a moment: a "negative" count is nothing waiting.
+        waiting = (atomic_load_u32(&page.sent) - atomic_load_u32(&page.reclaimed)
+                   - atomic_load_u32(&page.received))
+        if waiting == 0 or waiting >= 0x80000000:
+            return 0
+        if atomic_load_u32(&page.steal_gate) != STEAL_OPEN:
+            return 0
+        since = atomic_load_u32(&page.busy_since)
+        if since:
+            if not now[0]:
+                now[0] = clock_us()
+            if STUCK_MICROSECONDS < now[0] - since < 0x80000000:
+                return 0xFFFFFFFF
+        if idle and waiting >= 2:
+            return waiting // 2
+        return 0
+
+
 # The worker's end.
 
 @cython.final
@@ -1571,11 +1680,7 @@ cdef class WorkerChannel:
         bint busy_held          # hold_busy(): begin/end leave the stamp alone
         uint32_t request_mark   # when the request being answered began (observe_since_begin)
         uint32_t in_hand        # received, not reached yet (see hand_full)
-        # The serving siblings, by slot (COMMAND_SIBLING): the worker's end
-        # of each one's channel (-1: none) and its load page.
-        int *sibling_channels
-        LoadPage **sibling_pages
-        int nsiblings
+        SiblingChannels siblings_known
 
     def __cinit__(self, int fd, int load_fd=-1):
         self.fd = -1
@@ -1585,13 +1690,9 @@ cdef class WorkerChannel:
             self.mapped = True
         self.fd = fd
         self.state = WORKER_STARTING
+        self.siblings_known = SiblingChannels()
 
     def __dealloc__(self):
-        cdef int k
-        for k in range(self.nsiblings):
-            self._forget_sibling(k)
-        free(self.sibling_channels)
-        free(self.sibling_pages)
         if self.mapped:
             munmap(self.page, LOAD_PAGE_SIZE)
         if self.fd >= 0:
@@ -1791,8 +1892,11 @@ cdef class WorkerChannel:
             elif command.command == COMMAND_FINAL:
                 final = True
             elif (command.command & COMMAND_MASK) == COMMAND_SIBLING:
-                self._learn_sibling(command.command >> COMMAND_SLOT_SHIFT,
-                                    data, installed)
+                if (self.siblings_known.learn(command.command >> COMMAND_SLOT_SHIFT,
+                                              data, installed)
+                        and atomic_load_u32(&self.page.fd_room) > 1):
+                    # One descriptor fewer for connections (see set_fd_room).
+                    atomic_sub_u32(&self.page.fd_room, 1)
             # COMMAND_WAKE asks only for the report _nudge_if_asked sends.
         # Taken back while this worker was slow to read, the primary waits
         # to hear that its loop turns (see Dispatcher._observe_busy).
@@ -1801,88 +1905,7 @@ cdef class WorkerChannel:
             self._send_waiting()
         return fds, stop, final, closed
 
-    # Siblings: taking over what waits for a worker stuck in a slow request
-
-    cdef void _learn_sibling(self, uint32_t slot, int *fds, uint32_t installed) noexcept:
-        """Keep a sibling's channel end and map its load page (COMMAND_SIBLING).
-
-        Replaces what was kept for the slot's previous worker.  Without room
-        for it (no descriptor, no memory) the sibling is only not known:
-        stealing is a shortcut the primary's take-back also covers.
-        """
-        cdef void *page
-        cdef int *channels
-        cdef LoadPage **pages
-        cdef int k
-        if installed != 2 or slot >= 0x10000:
-            close_all(fds, installed)
-            return
-        page = mmap(NULL, LOAD_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[1], 0)
-        close(fds[1])
-        if page == MAP_FAILED:
-            close(fds[0])
-            return
-        if <int>slot >= self.nsiblings:
-            channels = <int *>realloc(self.sibling_channels, (slot + 1) * sizeof(int))
-            if channels != NULL:
-                self.sibling_channels = channels
-            pages = <LoadPage **>realloc(self.sibling_pages, (slot + 1) * sizeof(LoadPage *))
-            if pages != NULL:
-                self.sibling_pages = pages
-            if channels == NULL or pages == NULL:
-                close(fds[0])
-                munmap(page, LOAD_PAGE_SIZE)
-                return
-            for k in range(self.nsiblings, slot + 1):
-                self.sibling_channels[k] = -1
-                self.sibling_pages[k] = NULL
-            self.nsiblings = slot + 1
-        if self.sibling_channels[slot] < 0 and atomic_load_u32(&self.page.fd_room) > 1:
-            # One descriptor fewer for connections (see set_fd_room).
-            atomic_sub_u32(&self.page.fd_room, 1)
-        self._forget_sibling(slot)
-        self.sibling_channels[slot] = fds[0]
-        self.sibling_pages[slot] = <LoadPage *>page
-
-    cdef void _forget_sibling(self, int slot) noexcept:
-        if self.sibling_channels[slot] >= 0:
-            close(self.sibling_channels[slot])
-            self.sibling_channels[slot] = -1
-        if self.sibling_pages[slot] != NULL:
-            munmap(self.sibling_pages[slot], LOAD_PAGE_SIZE)
-            self.sibling_pages[slot] = NULL
-
-    cdef uint32_t _takeable(self, LoadPage *page, uint32_t *now, bint idle) noexcept:
-        """How many handoffs to take from a sibling's channel (0xFFFFFFFF: all).
-
-        All, from a sibling inside one request for over STUCK_MICROSECONDS:
-        they would wait for all of it.  Half, from one with two or more
-        waiting, when this worker is `idle`: it would sleep while they wait,
-        as a free worker on a shared socket would not (measured under the
-        close workload, bench/RESULTS.md: p99 1.20x a shared socket's
-        without this, 1.02x with it).  Only while its gate is open; steal()
-        takes no more than the room in hand (_room_in_hand).
-        """
-        cdef uint32_t since, waiting
-        if page == NULL:
-            return 0
-        # The primary stores `sent` just after the send, so `received` can
-        # be ahead of it for a moment: a "negative" count is nothing waiting.
-        waiting = (atomic_load_u32(&page.sent) - atomic_load_u32(&page.reclaimed)
-                   - atomic_load_u32(&page.received))
-        if waiting == 0 or waiting >= 0x80000000:
-            return 0
-        if atomic_load_u32(&page.steal_gate) != STEAL_OPEN:
-            return 0
-        since = atomic_load_u32(&page.busy_since)
-        if since:
-            if not now[0]:
-                now[0] = clock_us()
-            if STUCK_MICROSECONDS < now[0] - since < 0x80000000:
-                return 0xFFFFFFFF
-        if idle and waiting >= 2:
-            return waiting // 2
-        return 0
+    # Siblings: taking over what waits in their channels (SiblingChannels)
 
     cdef uint32_t _room_in_hand(self) noexcept:
         """How many more unreached connections this worker may hold (see hand_full).
@@ -1913,7 +1936,7 @@ cdef class WorkerChannel:
         return waiting == 0 or waiting >= 0x80000000
 
     def could_steal(self):
-        """True when steal() would take something (see _takeable).
+        """True when steal() would take something (see SiblingChannels.takeable).
 
         Cheap (loads from the siblings' pages, a clock read when one is in a
         request): the worker asks after every connection it reaches.
@@ -1924,13 +1947,13 @@ cdef class WorkerChannel:
         if self._room_in_hand() == 0:
             return False
         idle = self._idle()
-        for k in range(self.nsiblings):
-            if self._takeable(self.sibling_pages[k], &now, idle):
+        for k in range(self.siblings_known.count):
+            if self.siblings_known.takeable(k, &now, idle):
                 return True
         return False
 
     def steal(self):
-        """Take handoffs waiting in siblings' channels (see _takeable): a list of fds.
+        """Take handoffs waiting in siblings' channels (see SiblingChannels.takeable): a list of fds.
 
         They are this worker's from here on, counted as the primary counts
         what it hands (open, queued, in hand); the sibling's counts drop by
@@ -1951,18 +1974,18 @@ cdef class WorkerChannel:
         if self.fd < 0:
             return fds
         idle = self._idle()
-        for k in range(self.nsiblings):
+        for k in range(self.siblings_known.count):
             if taken >= hand_room:
                 break
-            page = self.sibling_pages[k]
-            want = self._takeable(page, &now, idle)
+            page = self.siblings_known.pages[k]
+            want = self.siblings_known.takeable(k, &now, idle)
             if want > hand_room - taken:
                 want = hand_room - taken
             if not want:
                 continue
             if not atomic_cas_u32(&page.steal_gate, STEAL_OPEN, STEAL_STEALING):
                 continue    # another sibling is in, or a stop is coming
-            channel = self.sibling_channels[k]
+            channel = self.siblings_known.channels[k]
             while want:
                 # Descriptors, then --max-conns, for each connection taken.
                 room = atomic_load_u32(&self.page.fd_room)
@@ -2009,13 +2032,14 @@ cdef class WorkerChannel:
 
     @property
     def stolen(self):
-        """Connections this worker took from stuck siblings' channels."""
+        """Connections this worker took from siblings' channels."""
         return atomic_load_u32(&self.page.stolen)
 
     @property
     def siblings(self):
         """The slots of the siblings this worker knows of."""
-        return [k for k in range(self.nsiblings) if self.sibling_channels[k] >= 0]
+        cdef SiblingChannels known = self.siblings_known
+        return [k for k in range(known.count) if known.channels[k] >= 0]
 
     def report(self, uint32_t state):
         """Tell the primary this worker's state (a WorkerState)."""

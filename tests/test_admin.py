@@ -82,7 +82,7 @@ def test_metrics_count_connections_and_workers(start_server):
     assert server.stop() == 0
     final = server.wait_for_log(r"(\d+) connections accepted, \d+ taken back from "
                                 r"workers that did not take them, (\d+) handed again, "
-                                r"(\d+) taken over by a worker from a stuck sibling")
+                                r"(\d+) taken over by a sibling before their worker reached them")
     assert [tuple(map(int, m.groups())) for m in final] == [(6, redispatched, stolen)]
 
 

@@ -68,7 +68,7 @@ class Dispatcher:
     def reclaimed(self) -> int: ...
     @property
     def stolen(self) -> int:
-        """Connections workers took from the channels of siblings stuck in slow requests."""
+        """Connections workers took from their siblings' channels (WorkerChannel.steal)."""
     @property
     def listening(self) -> bool: ...
 

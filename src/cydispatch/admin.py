@@ -163,8 +163,9 @@ class PrimaryCollector:
                 value=connections["redispatched"])
             yield CounterMetricFamily(
                 "cydispatch_connections_stolen",
-                "Connections a worker took from the channel of a sibling stuck in a "
-                "slow request, before the sibling reached them.",
+                "Connections a worker took from a sibling's channel before the sibling "
+                "reached them: it was stuck in a slow request, or had several waiting "
+                "while this worker had none.",
                 value=connections["stolen"])
         restarts = CounterMetricFamily(
             "cydispatch_worker_restarts", "Workers replaced, by why.", labels=["reason"])

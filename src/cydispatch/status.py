@@ -61,7 +61,7 @@ def table(view: dict) -> str:
     if connections["accepted"] is not None:
         lines.append(f"connections accepted {connections['accepted']}, "
                      f"handed again {connections['redispatched']}, "
-                     f"taken over from a stuck worker {connections.get('stolen', 0)}")
+                     f"taken over by a sibling {connections.get('stolen', 0)}")
     restarts = ", ".join(f"{reason} {count}" for reason, count in view["restarts"].items())
     lines.append(f"restarts: {restarts}")
     messages = view.get("messages")     # an older primary's view has none

@@ -222,7 +222,7 @@ class Arbiter:
         if settings.mode == "dispatch":
             log.info("Primary %d stopped: %d connections accepted, %d taken back from "
                      "workers that did not take them, %d handed again, %d taken over by "
-                     "a worker from a stuck sibling", os.getpid(), dispatcher.accepted,
+                     "a sibling before their worker reached them", os.getpid(), dispatcher.accepted,
                      dispatcher.reclaimed, dispatcher.redispatched, dispatcher.stolen)
         else:
             log.info("Primary %d stopped", os.getpid())
