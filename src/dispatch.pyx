@@ -98,10 +98,6 @@ cdef enum:
     # not behind a slow request: it is taken back if the worker gets stuck.
     CHANNEL_AHEAD_FACTOR = 4
     LOAD_PAGE_SIZE = 4096
-    # Introductions (COMMAND_SIBLING) a take-back finds in one channel and
-    # sends again; one per sibling, so more only on a very wide machine,
-    # where the worker then steals from fewer siblings.
-    MAX_KEPT_INTRODUCTIONS = 64
     # Buckets of the request-duration histogram: DURATION_BOUNDS_US, then
     # one for everything slower.
     DURATION_BUCKETS = 18
@@ -544,18 +540,28 @@ cdef struct Slot:
     uint32_t seen_received  # page.received when last looked at, and since
     uint32_t seen_at        # when it has not moved with handoffs waiting (0: it moves)
     bint not_reading        # ...for too long: stuck until it reads or reports
-    uint32_t sent           # fds sent over the channel (wrapping); also in
-                            # the page, for siblings: see in_flight()
     uint64_t handed_total   # connections handed to this worker, for stats
     uint32_t orphaned       # left for others when its channel closed
     int batch_len
     int batch[MAX_FDS_PER_MESSAGE]  # accepted this wake-up, not yet sent
 
 
+cdef inline uint32_t waiting_in_channel(LoadPage *page) noexcept:
+    """Handoffs sent to the page's worker that are still in its channel.
+
+    Read by the primary and by siblings.  A worker counts what it receives
+    as it takes it, and the primary counts a send just after it, so for a
+    moment `received` can be ahead: a "negative" count is nothing waiting.
+    """
+    cdef uint32_t waiting = (atomic_load_u32(&page.sent)
+                             - atomic_load_u32(&page.reclaimed)
+                             - atomic_load_u32(&page.received))
+    return 0 if waiting >= 0x80000000 else waiting
+
+
 cdef inline uint32_t in_flight(Slot *s) noexcept:
     """Fds sent to the worker that are still in its channel."""
-    return (s.sent - atomic_load_u32(&s.page.reclaimed)
-            - atomic_load_u32(&s.page.received))
+    return waiting_in_channel(s.page)
 
 
 cdef inline void close_all(const int *fds, int count) noexcept nogil:
@@ -751,7 +757,6 @@ cdef class Dispatcher:
         s.seen_at = 0
         s.not_reading = False
         s.last_heard = monotonic()
-        s.sent = 0
         s.load_fd = load_copy
         s.handed_total = 0
         s.orphaned = 0
@@ -1265,8 +1270,7 @@ cdef class Dispatcher:
         if sent > 0:
             # The worker's copy is the only one now (see the top).
             close_all(s.batch, sent)
-            s.sent += sent
-            atomic_store_u32(&s.page.sent, s.sent)
+            atomic_add_u32(&s.page.sent, sent)
             s.handed_total += sent
             if sent == count:
                 s.batch_len = 0
@@ -1377,9 +1381,7 @@ cdef class Dispatcher:
         cdef int *fds = NULL
         cdef uint32_t installed, k, taken = 0
         cdef ssize_t received
-        cdef int spare, n, introductions = 0
-        cdef uint32_t kinds[MAX_KEPT_INTRODUCTIONS]
-        cdef int kept[MAX_KEPT_INTRODUCTIONS * 2]
+        cdef int spare
         if s.peer < 0:
             return 0
         while True:
@@ -1395,18 +1397,12 @@ cdef class Dispatcher:
             if received <= 0:
                 break   # EAGAIN: nothing more waits
             if command.command != COMMAND_HANDOFF:
-                if (worker_alive and installed == 2
-                        and (command.command & COMMAND_MASK) == COMMAND_SIBLING
-                        and introductions < MAX_KEPT_INTRODUCTIONS):
-                    # Queued behind the handoffs: it goes back (below).
-                    kinds[introductions] = command.command
-                    kept[2 * introductions] = fds[0]
-                    kept[2 * introductions + 1] = fds[1]
-                    introductions += 1
-                else:
-                    # A wake-up sent again if need be; a stop the worker
-                    # will not read now; a sibling for one that is gone.
-                    close_all(fds, installed)
+                # A wake-up sent again if need be; a stop the worker will
+                # not read now; an introduction, sent again as when a
+                # sibling takes one (reintroduce, _observe_busy).
+                close_all(fds, installed)
+                if worker_alive and (command.command & COMMAND_MASK) == COMMAND_SIBLING:
+                    atomic_store_u32(&s.page.reintroduce, 1)
                 continue
             for k in range(installed):
                 fdq_push(&self.orphans, fds[k])
@@ -1416,9 +1412,6 @@ cdef class Dispatcher:
             # Beyond `installed`: the primary itself is out of descriptors.
             self.lost_total += command.count - installed
             taken += installed
-        for n in range(introductions):
-            send_handoff(s.channel, &kept[2 * n], 2, kinds[n])
-            close_all(&kept[2 * n], 2)
         self.reclaimed_total += taken
         return taken
 
@@ -1637,11 +1630,8 @@ cdef class SiblingChannels:
         cdef uint32_t since, waiting
         if page == NULL:
             return 0
-        # The primary stores `sent` just after the send, so `received` can
-        # be ahead of it for a moment: a "negative" count is nothing waiting.
-        waiting = (atomic_load_u32(&page.sent) - atomic_load_u32(&page.reclaimed)
-                   - atomic_load_u32(&page.received))
-        if waiting == 0 or waiting >= 0x80000000:
+        waiting = waiting_in_channel(page)
+        if waiting == 0:
             return 0
         if atomic_load_u32(&page.steal_gate) != STEAL_OPEN:
             return 0
@@ -1927,13 +1917,7 @@ cdef class WorkerChannel:
 
     cdef bint _idle(self) noexcept:
         """Nothing in hand and nothing waiting in its own channel."""
-        cdef LoadPage *page = self.page
-        cdef uint32_t waiting
-        if self.in_hand:
-            return False
-        waiting = (atomic_load_u32(&page.sent) - atomic_load_u32(&page.reclaimed)
-                   - atomic_load_u32(&page.received))
-        return waiting == 0 or waiting >= 0x80000000
+        return self.in_hand == 0 and waiting_in_channel(self.page) == 0
 
     def could_steal(self):
         """True when steal() would take something (see SiblingChannels.takeable).

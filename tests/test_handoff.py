@@ -510,6 +510,7 @@ def test_a_take_back_keeps_the_introductions_it_finds(rig):
     r.attach(1)         # introduced to the stuck one, behind its handoffs
     wait_until(lambda: r.dispatcher.run(0) is not None and r.dispatcher.reclaimed == 2,
                message="the stuck worker's connections taken back")
+    r.dispatcher.run(0)     # its loop turns again: the introduction goes back
     stuck.end()
     assert stuck.receive()[0] == []
     assert stuck.siblings == [1]
