@@ -92,9 +92,13 @@ def test_sigterm_exits_0_and_leaves_no_process(start_server, mode):
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(DEADLINE) == 0
     if mode == "dispatch":
-        # The last line sums up what the primary did with connections.
-        server.wait_for_log(r"Primary \d+ stopped: 3 connections accepted, 0 taken back "
-                            r"from workers that did not take them, 0 handed again")
+        # The last line sums up what the primary did with connections.  On
+        # a loaded machine a worker slow to run can have one taken back
+        # (test_admin says the same): then it was handed again, not lost.
+        [final] = server.wait_for_log(r"Primary \d+ stopped: 3 connections accepted, "
+                                      r"(\d+) taken back from workers that did not take "
+                                      r"them, (\d+) handed again")
+        assert final.group(1) == final.group(2)
     assert not processes_in_group(server.pgid)
     assert not any(alive(pid) for pid in workers)
     with pytest.raises(ConnectionRefusedError):
