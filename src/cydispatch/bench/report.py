@@ -30,6 +30,8 @@ class Target:
     measured: Callable[[dict, dict], float | None]   # (results, summary) -> value
     # Why the target does not apply to this run (None: it does).
     not_applicable: Callable[[dict], str | None] = lambda results: None
+    # The per-round values a ratio's median is taken from, to show its spread.
+    rounds: Callable[[dict], list[float]] = lambda results: []
 
     def met(self, value: float | None) -> bool | None:
         if value is None:
@@ -82,30 +84,43 @@ def workers_lack_a_cpu_each(results: dict) -> str | None:
     return None
 
 
+def rounds_of(workload: str, field: str, mode: str = DISPATCH,
+              base: str = "") -> Callable[[dict], list[float]]:
+    """A Target's `rounds`: the ratios its median comes from (base: the baseline)."""
+    return lambda results: per_round_ratios(results, workload, mode,
+                                            base or results["baseline"], field)
+
+
 TARGETS = (
     Target("keep-alive throughput", "dispatch rps / reuseport rps", ">=", 0.97,
-           lambda results, summary: dispatch_entry(summary, "keepalive").get("rps_ratio")),
+           lambda results, summary: dispatch_entry(summary, "keepalive").get("rps_ratio"),
+           rounds=rounds_of("keepalive", "rps")),
     Target("keep-alive against Node's cluster", "dispatch rps / node rps", ">=", 1.3,
-           lambda results, summary: vs_peer(summary, "keepalive", "node"), without_node),
+           lambda results, summary: vs_peer(summary, "keepalive", "node"), without_node,
+           rounds_of("keepalive", "rps", base="node")),
     Target("new-connection throughput (close)", "dispatch rps / reuseport rps", ">=", 0.95,
-           lambda results, summary: dispatch_entry(summary, "close").get("rps_ratio")),
+           lambda results, summary: dispatch_entry(summary, "close").get("rps_ratio"),
+           rounds=rounds_of("close", "rps")),
     Target("the primary's CPU per new connection", "dispatch primary µs / request, close",
            "<=", 3.5,
            lambda results, summary: dispatch_entry(summary, "close")
            .get("primary_cpu_us_per_request")),
     Target("tail latency under uneven work (skew)", "dispatch p99 / reuseport p99", "<=", 0.5,
-           lambda results, summary: dispatch_entry(summary, "skew").get("p99_ratio")),
+           lambda results, summary: dispatch_entry(summary, "skew").get("p99_ratio"),
+           rounds=rounds_of("skew", "latency_p99_us")),
     Target("uneven-work tail below a shared socket's", "dispatch p99 / shared p99, skew",
            "<", 1.0,
            lambda results, summary: per_round_ratio(results, "skew", DISPATCH, "shared",
-                                                    "latency_p99_us")),
+                                                    "latency_p99_us"),
+           rounds=rounds_of("skew", "latency_p99_us", base="shared")),
     Target("balance over workers", "dispatch max/min requests per worker", "<=", 1.10,
            lambda results, summary: dispatch_entry(summary, "balance")
            .get("balance", {}).get("max_min"), workers_lack_a_cpu_each),
     Target("worker as fast as bare uvloop + httptools", "reuseport rps / bare rps, keep-alive",
            ">=", 0.95,
            lambda results, summary: per_round_ratio(results, "keepalive", "reuseport", "bare",
-                                                    "rps")),
+                                                    "rps"),
+           rounds=rounds_of("keepalive", "rps", mode="reuseport", base="bare")),
     Target("primary memory", "dispatch primary peak RSS, MB", "<=", 40.0,
            lambda results, summary: primary_peak_rss_mb(results)),
 )
@@ -114,14 +129,51 @@ def runs_of(results: dict, workload: str, mode: str) -> list[dict]:
     return [r for r in results["runs"] if r["workload"] == workload and r["mode"] == mode]
 
 
+def per_round_ratios(results: dict, workload: str, mode: str, base: str,
+                     field: str) -> list[float]:
+    """mode's field / base's field in each round both ran, in round order."""
+    base_by_round = {r["round"]: r["wrk"][field] for r in runs_of(results, workload, base)}
+    return [r["wrk"][field] / base_by_round[r["round"]]
+            for r in runs_of(results, workload, mode)
+            if base_by_round.get(r["round"])]
+
+
 def per_round_ratio(results: dict, workload: str, mode: str, base: str,
                     field: str) -> float | None:
     """Median over rounds of mode's field / base's field in the same round."""
-    base_by_round = {r["round"]: r["wrk"][field] for r in runs_of(results, workload, base)}
-    ratios = [r["wrk"][field] / base_by_round[r["round"]]
-              for r in runs_of(results, workload, mode)
-              if base_by_round.get(r["round"])]
+    ratios = per_round_ratios(results, workload, mode, base, field)
     return statistics.median(ratios) if ratios else None
+
+
+def host_stolen(results: dict) -> dict | None:
+    """How much of the CPUs' time the host gave to others during the runs.
+
+    None for results from before it was measured.
+    """
+    measured = [r for r in results["runs"] if r.get("host_stolen_pct") is not None]
+    if not measured:
+        return None
+    worst = max(measured, key=lambda r: r["host_stolen_pct"])
+    return {"median": statistics.median(r["host_stolen_pct"] for r in measured),
+            "max": worst["host_stolen_pct"],
+            "worst_run": f"round {worst['round']}, {worst['mode']}, {worst['workload']}"}
+
+
+# Above this share of stolen time in a run, say that the host moved the figures.
+STOLEN_WARNING_PCT = 5.0
+
+
+def stolen_note(results: dict) -> str | None:
+    stolen = host_stolen(results)
+    if stolen is None:
+        return None
+    note = (f"host steal: the hypervisor took {number(stolen['median'], 1)}% of these CPUs' "
+            f"time in the median run, {number(stolen['max'], 1)}% at worst "
+            f"({stolen['worst_run']})")
+    if stolen["max"] > STOLEN_WARNING_PCT:
+        note += (f"; runs above {STOLEN_WARNING_PCT:g}% measured the host's other guests "
+                 "as much as the servers")
+    return note
 
 
 def balance(run: dict, workers: int) -> tuple[float, float] | None:
@@ -187,11 +239,27 @@ def targets(results: dict, summary: dict) -> list[dict]:
     for target in TARGETS:
         value = target.measured(results, summary)
         why_not = target.not_applicable(results)
+        rounds = target.rounds(results)
         checks.append({"target": target.name, "measure": target.measure,
                        "limit": f"{target.comparison} {target.limit:g}",
                        "measured": value, "met": None if why_not else target.met(value),
-                       "not_applicable": why_not})
+                       "not_applicable": why_not,
+                       "rounds": rounds,
+                       # Met by the median, yet missed in some round (or the
+                       # reverse): the verdict could flip on a re-run.
+                       "split": len({target.met(r) for r in rounds}) > 1})
     return checks
+
+
+def spread(check: dict) -> str:
+    """' (rounds 0.91-1.04, missed in some)' for a target measured round by round."""
+    rounds = check.get("rounds")
+    if not rounds or len(rounds) < 2:
+        return ""
+    text = f" (rounds {number(min(rounds))}-{number(max(rounds))}"
+    if check.get("split"):
+        text += ", missed in some" if check.get("met") else ", met in some"
+    return text + ")"
 
 def number(value: float | None, digits: int = 2) -> str:
     if value is None:
@@ -240,9 +308,13 @@ def table(results: dict) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines.append("")
     lines += [f"{'met ' if t['met'] else 'MISSED' if t['met'] is False else 'n/a   '} "
-              f"{t['target']}: {t['measure']} {number(t['measured'])} (target {t['limit']})"
+              f"{t['target']}: {t['measure']} {number(t['measured'])}{spread(t)} "
+              f"(target {t['limit']})"
               + (f"; n/a: {t['not_applicable']}" if t.get("not_applicable") else "")
               for t in results["summary"]["targets"]]
+    note = stolen_note(results)
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -281,8 +353,11 @@ def markdown(results: dict) -> str:
         verdict = "met" if t["met"] else "**missed**" if t["met"] is False else "not measured"
         if t.get("not_applicable"):
             verdict = f"not a target here: {t['not_applicable']}"
-        lines.append(f"| {t['target']} | {t['measure']} | {number(t['measured'])} "
+        lines.append(f"| {t['target']} | {t['measure']} | {number(t['measured'])}{spread(t)} "
                      f"| {t['limit']} | {verdict} |")
+    note = stolen_note(results)
+    if note:
+        lines += ["", note[0].upper() + note[1:] + "."]
     return "\n".join(lines) + "\n"
 
 

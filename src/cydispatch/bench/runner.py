@@ -97,19 +97,51 @@ def measure_mode(mode: str, config: BenchConfig, round_number: int,
             workload = WORKLOADS[name]
             progress.show(round_number, mode, name)
             cpu_before = server.cpu_seconds()
+            ticks_before = cpu_ticks(os.sched_getaffinity(0))
             result = run_workload(server, workload, config, config.duration)
             primary_cpu = server.cpu_seconds() - cpu_before
+            stolen = stolen_percent(ticks_before, cpu_ticks(os.sched_getaffinity(0)))
             records.append({
                 "round": round_number, "mode": mode, "workload": name,
                 "primary_cpu_s": round(primary_cpu, 3),
                 "primary_cpu_us_per_request": (
                     round(primary_cpu * 1e6 / result.requests, 2) if result.requests else None),
                 "primary_peak_rss_kb": server.peak_rss_kb(),
+                "host_stolen_pct": stolen,
                 "wrk": result.to_dict(),
             })
     finally:
         server.stop()
     return records
+
+
+def cpu_ticks(cpus: set[int]) -> tuple[int, int]:
+    """(stolen, all) clock ticks of `cpus` so far, from /proc/stat.
+
+    Stolen time is time the hypervisor gave these virtual CPUs' host to
+    someone else while they had work: a run with much of it measured the
+    neighbours on the host as much as the server.  Zero on bare metal.
+    """
+    stolen = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, _, rest = line.partition(" ")
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            if not name[3:].isdigit():
+                break   # past the CPU lines
+            if int(name[3:]) in cpus:
+                # user nice system idle iowait irq softirq steal; guest
+                # time is already inside user and nice.
+                ticks = [int(field) for field in rest.split()[:8]]
+                stolen += ticks[7] if len(ticks) == 8 else 0
+                total += sum(ticks)
+    return stolen, total
+
+
+def stolen_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    elapsed = after[1] - before[1]
+    return round(100.0 * (after[0] - before[0]) / elapsed, 1) if elapsed > 0 else 0.0
 
 
 def workloads_for(mode: str, config: BenchConfig) -> tuple[str, ...]:
