@@ -63,6 +63,26 @@ def test_bench_measures_every_mode_and_workload(tmp_path):
     assert (tmp_path / "results.png").exists() or "matplotlib is not installed" in result.stderr
 
 
+@needs_wrk
+def test_each_workload_runs_on_every_mode_back_to_back(tmp_path):
+    # A slow spell of the host lasts tens of seconds: the runs a ratio
+    # compares must follow each other, not be a whole mode's block apart.
+    result = subprocess.run(
+        [CYDISPATCH, "bench", "--duration", "1", "--rounds", "2", "--warmup", "0",
+         "--workers", "1", "--connections", "4", "--modes", "dispatch/least-conn",
+         "reuseport", "shared", "--workloads", "close", "skew", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [run["at_s"] for run in runs] == sorted(run["at_s"] for run in runs)
+    assert [(run["round"], run["workload"]) for run in runs] == [
+        (1, "close")] * 3 + [(1, "skew")] * 3 + [(2, "close")] * 3 + [(2, "skew")] * 3
+    order = [[run["mode"] for run in runs[start:start + 3]] for start in (0, 3, 6, 9)]
+    assert order[0] == order[1] == ["dispatch/least-conn", "reuseport", "shared"]
+    # The next round starts one mode along, so none always runs first.
+    assert order[2] == order[3] == ["reuseport", "shared", "dispatch/least-conn"]
+
+
 def test_bench_without_wrk_says_how_to_install_it(tmp_path):
     result = subprocess.run([CYDISPATCH, "bench", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=60,

@@ -1,13 +1,16 @@
 """`cydispatch bench`: every mode against the same workloads, interleaved.
 
-One round starts each mode in turn (A B C D, then A B C D again...), warms it
-up, runs every workload with wrk, and stops it.  Interleaving makes drift on a
-shared machine hit every mode alike; medians over rounds and ratios taken
-within a round are what the report quotes.
+Each round starts every mode afresh and warms each up, then runs each
+workload on every mode back to back (close on A B C D, then skew on A B C D,
+...), and stops them all; the next round starts the modes one place further
+along (B C D A).  Interleaving makes drift on a shared machine hit every mode
+alike; medians over rounds and ratios taken within a round are what the
+report quotes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -83,36 +86,60 @@ def run_workload(server: ServerProcess, workload: Workload, config: BenchConfig,
                    wrapper=config.pinned(config.client_cpus))
 
 
-def measure_mode(mode: str, config: BenchConfig, round_number: int,
-                 progress: Progress) -> list[dict]:
-    """Start `mode`, warm it up, run every workload, stop it: one record per run."""
-    server = start_server(mode, config)
+def measure_round(config: BenchConfig, round_number: int, progress: Progress,
+                  started: float) -> list[dict]:
+    """Start every mode, run each workload on all of them in turn, stop them.
+
+    A shared host has slow spells that last tens of seconds: on the EPYC
+    host of 2026-12-07 one mode's whole block of four workloads (about 30 s)
+    ran at a third of its speed while the mode run before it was fine, which
+    put one round's dispatch/shared ratios at 0.14x and 2.6x.  Runs of one
+    workload on every mode follow each other within seconds, so a spell
+    slows the runs a ratio compares alike, or few of them.  Idle meanwhile,
+    the other servers take no CPU.
+    """
+    modes = config.all_modes()
+    turn = (round_number - 1) % len(modes)
+    order = modes[turn:] + modes[:turn]
     records = []
-    try:
-        # Warm up: the first connections pay for imports, allocations and
-        # cold kernel caches, in every mode alike.
-        for name in ("keepalive", "close") if config.warmup else ():
-            run_workload(server, WORKLOADS[name], config, config.warmup)
-        for name in workloads_for(mode, config):
-            workload = WORKLOADS[name]
-            progress.show(round_number, mode, name)
-            cpu_before = server.cpu_seconds()
-            ticks_before = cpu_ticks(os.sched_getaffinity(0))
-            result = run_workload(server, workload, config, config.duration)
-            primary_cpu = server.cpu_seconds() - cpu_before
-            stolen = stolen_percent(ticks_before, cpu_ticks(os.sched_getaffinity(0)))
-            records.append({
-                "round": round_number, "mode": mode, "workload": name,
-                "primary_cpu_s": round(primary_cpu, 3),
-                "primary_cpu_us_per_request": (
-                    round(primary_cpu * 1e6 / result.requests, 2) if result.requests else None),
-                "primary_peak_rss_kb": server.peak_rss_kb(),
-                "host_stolen_pct": stolen,
-                "wrk": result.to_dict(),
-            })
-    finally:
-        server.stop()
+    with contextlib.ExitStack() as running:
+        servers = {}
+        for mode in order:
+            server = start_server(mode, config)
+            running.callback(server.stop)
+            # Warm up: the first connections pay for imports, allocations
+            # and cold kernel caches, in every mode alike.
+            for name in ("keepalive", "close") if config.warmup else ():
+                run_workload(server, WORKLOADS[name], config, config.warmup)
+            servers[mode] = server
+        for name in config.workloads:
+            for mode in order:
+                if name in workloads_for(mode, config):
+                    progress.show(round_number, mode, name)
+                    records.append(measure(servers[mode], mode, name, config,
+                                           round_number, started))
     return records
+
+
+def measure(server: ServerProcess, mode: str, name: str, config: BenchConfig,
+            round_number: int, started: float) -> dict:
+    """One wrk run of workload `name` against `server`: its record."""
+    at = time.monotonic() - started
+    cpu_before = server.cpu_seconds()
+    ticks_before = cpu_ticks(os.sched_getaffinity(0))
+    result = run_workload(server, WORKLOADS[name], config, config.duration)
+    primary_cpu = server.cpu_seconds() - cpu_before
+    stolen = stolen_percent(ticks_before, cpu_ticks(os.sched_getaffinity(0)))
+    return {
+        "round": round_number, "mode": mode, "workload": name,
+        "at_s": round(at, 1),   # since the benchmark began
+        "primary_cpu_s": round(primary_cpu, 3),
+        "primary_cpu_us_per_request": (
+            round(primary_cpu * 1e6 / result.requests, 2) if result.requests else None),
+        "primary_peak_rss_kb": server.peak_rss_kb(),
+        "host_stolen_pct": stolen,
+        "wrk": result.to_dict(),
+    }
 
 
 def cpu_ticks(cpus: set[int]) -> tuple[int, int]:
@@ -225,9 +252,9 @@ def run(config: BenchConfig, out: pathlib.Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(config)
     runs = []
+    started = time.monotonic()
     for round_number in range(1, config.rounds + 1):
-        for mode in config.all_modes():
-            runs += measure_mode(mode, config, round_number, progress)
+        runs += measure_round(config, round_number, progress, started)
     progress.finish()
     results = {
         "machine": machine(config.peers + app_packages(config.app)),
