@@ -149,9 +149,10 @@ def build_parser() -> CliParser:
 
     bench = commands.add_parser(
         "bench", help="measure every mode side by side with wrk",
-        description="Start each mode in turn on a free port, warm it up, run "
-                    "every workload with wrk, stop it; repeat for each round, "
-                    "interleaving the modes so drift hits them alike.  Writes "
+        description="Each round: start every mode on a free port and warm it "
+                    "up, run each workload with wrk on every mode back to back "
+                    "(so that drift hits the runs a ratio compares alike), stop "
+                    "them; the next round starts one mode further along.  Writes "
                     "results.json, results.md and results.png to --out.  "
                     "Workloads: " + "; ".join(f"{w.name}: {w.description}"
                                              for w in BENCH_WORKLOADS.values()) + ".")
@@ -171,8 +172,8 @@ def build_parser() -> CliParser:
                        help="wrk connections (default: %(default)s)")
     bench.add_argument("--modes", nargs="+", choices=list(BENCH_MODES),
                        default=list(BENCH_MODES),
-                       metavar="MODE", help="modes to measure, in this order "
-                       "(default: all: %(default)s)")
+                       metavar="MODE", help="modes to measure, in this order in "
+                       "the first round (default: all: %(default)s)")
     bench.add_argument("--workloads", nargs="+", choices=list(BENCH_WORKLOADS),
                        default=list(BENCH_WORKLOADS), metavar="WORKLOAD",
                        help="workloads to run (default: all: %(default)s)")
@@ -309,6 +310,10 @@ def run_bench(args: argparse.Namespace) -> int:
             return USAGE_ERROR
         # The bare reference server serves only the built-in app.
         modes = tuple(mode for mode in modes if mode != runner.REFERENCE)
+        if not modes and not args.peers:
+            print(f"cydispatch: error: --modes {runner.REFERENCE} serves only the built-in "
+                  "app: with --app, name another mode or --peers", file=sys.stderr)
+            return USAGE_ERROR
     config = runner.BenchConfig(
         workers=args.workers, duration=args.duration, rounds=args.rounds,
         warmup=args.warmup, connections=args.connections, modes=modes,

@@ -171,8 +171,8 @@ def stolen_note(results: dict) -> str | None:
             f"time in the median run, {number(stolen['max'], 1)}% at worst "
             f"({stolen['worst_run']})")
     if stolen["max"] > STOLEN_WARNING_PCT:
-        note += (f"; runs above {STOLEN_WARNING_PCT:g}% measured the host's other guests "
-                 "as much as the servers")
+        note += (f"; runs above {STOLEN_WARNING_PCT:g}% lost that much of the CPUs to other "
+                 "guests: read their figures with care")
     return note
 
 
@@ -257,7 +257,7 @@ def spread(check: dict) -> str:
     if not rounds or len(rounds) < 2:
         return ""
     text = f" (rounds {number(min(rounds))}-{number(max(rounds))}"
-    if check.get("split"):
+    if check.get("split") and check.get("met") is not None:
         text += ", missed in some" if check.get("met") else ", met in some"
     return text + ")"
 

@@ -47,7 +47,7 @@ class BenchConfig:
     peers: tuple[str, ...] = ()
 
     def all_modes(self) -> tuple[str, ...]:
-        """cydispatch's modes, then the peers, in the order each round runs them."""
+        """cydispatch's modes, then the peers: the order of the first round."""
         return self.modes + self.peers
 
     def server_cpus(self) -> tuple[int, ...]:
@@ -61,20 +61,20 @@ class BenchConfig:
 
 
 def start_server(mode: str, config: BenchConfig) -> ServerProcess:
+    """Start `mode`'s server; not ready yet: see ServerProcess.wait_ready."""
     # Started on the server CPUs, a server pins its workers within them.
     wrapper = config.pinned(config.server_cpus())
     if mode in peers.PEERS:
         return peers.PeerServer(mode, config.app, config.interface, config.workers,
-                                config.app_threads, config.app_dir,
-                                wrapper=wrapper).wait_ready()
+                                config.app_threads, config.app_dir, wrapper=wrapper)
     if MODES[mode] is None:
-        return BareServer(workers=config.workers, wrapper=wrapper).wait_ready()
+        return BareServer(workers=config.workers, wrapper=wrapper)
     app = ()
     if config.app:
         app = ("--app-dir", config.app_dir, "--interface", config.interface,
                "--threads", str(config.app_threads), config.app)
     return CydispatchServer(*MODES[mode], "--log-level", "info", *app,
-                            workers=config.workers, wrapper=wrapper).wait_ready()
+                            workers=config.workers, wrapper=wrapper)
 
 
 def run_workload(server: ServerProcess, workload: Workload, config: BenchConfig,
@@ -106,7 +106,8 @@ def measure_round(config: BenchConfig, round_number: int, progress: Progress,
         servers = {}
         for mode in order:
             server = start_server(mode, config)
-            running.callback(server.stop)
+            running.callback(server.stop)   # also if it never gets ready
+            server.wait_ready()
             # Warm up: the first connections pay for imports, allocations
             # and cold kernel caches, in every mode alike.
             for name in ("keepalive", "close") if config.warmup else ():
@@ -142,7 +143,7 @@ def measure(server: ServerProcess, mode: str, name: str, config: BenchConfig,
     }
 
 
-def cpu_ticks(cpus: set[int]) -> tuple[int, int]:
+def cpu_ticks(cpus: set[int], stat: str = "/proc/stat") -> tuple[int, int]:
     """(stolen, all) clock ticks of `cpus` so far, from /proc/stat.
 
     Stolen time is time the hypervisor gave these virtual CPUs' host to
@@ -150,13 +151,13 @@ def cpu_ticks(cpus: set[int]) -> tuple[int, int]:
     neighbours on the host as much as the server.  Zero on bare metal.
     """
     stolen = total = 0
-    with open("/proc/stat") as f:
+    with open(stat) as f:
         for line in f:
             name, _, rest = line.partition(" ")
-            if not name.startswith("cpu") or name == "cpu":
-                continue
-            if not name[3:].isdigit():
-                break   # past the CPU lines
+            if name == "cpu":
+                continue    # all CPUs together
+            if not name.startswith("cpu"):
+                break       # past the CPU lines, which come first
             if int(name[3:]) in cpus:
                 # user nice system idle iowait irq softirq steal; guest
                 # time is already inside user and nice.
@@ -168,7 +169,10 @@ def cpu_ticks(cpus: set[int]) -> tuple[int, int]:
 
 def stolen_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
     elapsed = after[1] - before[1]
-    return round(100.0 * (after[0] - before[0]) / elapsed, 1) if elapsed > 0 else 0.0
+    if elapsed <= 0:
+        return 0.0
+    # Some kernels let the idle counters step back a little: keep it a share.
+    return round(min(100.0, max(0.0, 100.0 * (after[0] - before[0]) / elapsed)), 1)
 
 
 def workloads_for(mode: str, config: BenchConfig) -> tuple[str, ...]:
