@@ -147,8 +147,9 @@ cdef enum Command:          # primary -> worker
     COMMAND_FINAL = 3       # nothing follows: exit once you hold nothing
     COMMAND_WAKE = 4        # what waited in your channel was taken back:
                             # say that your loop turns (see _observe_busy)
-    COMMAND_SIBLING = 5     # a sibling's channel end and load page, 2 fds;
-                            # its slot in the bits above COMMAND_MASK
+    COMMAND_SIBLING = 5     # a sibling's channel end and load page, 2 fds
+                            # (none: that sibling has gone); its slot in
+                            # the bits above COMMAND_MASK
 
 cdef enum:
     COMMAND_MASK = 0xFF
@@ -1476,9 +1477,14 @@ cdef class Dispatcher:
         for k in range(s.batch_len):
             fdq_push(&self.orphans, s.batch[k])
         s.batch_len = 0
-        # Siblings keep their copies of its channel end until another
-        # worker takes the slot: they must not look there meanwhile.
+        # Siblings must not look in its channel from here on (the gate),
+        # and may let their copies of it go (the empty introduction).
         atomic_store_u32(&s.page.steal_gate, STEAL_CLOSED)
+        if s.peer >= 0:
+            for k in range(self.nslots):
+                if k != i and self.slots[k].channel >= 0 and self.slots[k].peer >= 0:
+                    send_command(self.slots[k].channel,
+                                 COMMAND_SIBLING | (<uint32_t>i << COMMAND_SLOT_SHIFT))
         self.stolen_total += atomic_load_u32(&s.page.stolen)
         orphaned += self._reclaim(s, False)
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, s.channel, NULL)
@@ -1606,6 +1612,17 @@ cdef class SiblingChannels:
         self.pages[slot] = <LoadPage *>page
         return new
 
+    cdef bint drop(self, uint32_t slot) noexcept:
+        """The sibling in `slot` is gone: let its channel end and page go.
+
+        True if one was kept.  Until then its closed gate keeps this worker
+        out; this gives back the descriptor and the mapping.
+        """
+        if <int>slot >= self.count or self.channels[slot] < 0:
+            return False
+        self.forget(slot)
+        return True
+
     cdef void forget(self, int slot) noexcept:
         if self.channels[slot] >= 0:
             close(self.channels[slot])
@@ -1671,6 +1688,7 @@ cdef class WorkerChannel:
         uint32_t request_mark   # when the request being answered began (observe_since_begin)
         uint32_t in_hand        # received, not reached yet (see hand_full)
         SiblingChannels siblings_known
+        uint32_t sibling_fds_charged    # taken off fd_room for siblings' channel ends
 
     def __cinit__(self, int fd, int load_fd=-1):
         self.fd = -1
@@ -1710,6 +1728,11 @@ cdef class WorkerChannel:
     def lost(self):
         """Handed connections the kernel closed: no descriptor was free for them."""
         return self.lost_total
+
+    @property
+    def fd_room(self):
+        """How many connections the primary may hand this worker (0: no limit known)."""
+        return atomic_load_u32(&self.page.fd_room)
 
     def set_fd_room(self, uint32_t room):
         """How many connections this worker has descriptors for (0: unknown).
@@ -1882,11 +1905,18 @@ cdef class WorkerChannel:
             elif command.command == COMMAND_FINAL:
                 final = True
             elif (command.command & COMMAND_MASK) == COMMAND_SIBLING:
-                if (self.siblings_known.learn(command.command >> COMMAND_SLOT_SHIFT,
-                                              data, installed)
+                if command.count == 0:
+                    # The sibling has gone (Dispatcher._close_slot).
+                    if (self.siblings_known.drop(command.command >> COMMAND_SLOT_SHIFT)
+                            and self.sibling_fds_charged):
+                        self.sibling_fds_charged -= 1
+                        atomic_add_u32(&self.page.fd_room, 1)
+                elif (self.siblings_known.learn(command.command >> COMMAND_SLOT_SHIFT,
+                                                data, installed)
                         and atomic_load_u32(&self.page.fd_room) > 1):
                     # One descriptor fewer for connections (see set_fd_room).
                     atomic_sub_u32(&self.page.fd_room, 1)
+                    self.sibling_fds_charged += 1
             # COMMAND_WAKE asks only for the report _nudge_if_asked sends.
         # Taken back while this worker was slow to read, the primary waits
         # to hear that its loop turns (see Dispatcher._observe_busy).

@@ -526,6 +526,42 @@ def test_a_dead_siblings_channel_is_left_to_the_primary(rig):
     peers_of(in_hand)
 
 
+def held_load_pages() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum("memfd:load" in line for line in maps)
+
+
+def test_a_sibling_that_has_gone_is_let_go(rig):
+    # Each worker keeps a sibling's channel end and load page, and counts the
+    # descriptor out of the room it says it has.  Once the sibling has gone
+    # the others let both go and count the descriptor back: a server that
+    # scales down (TTOU) must not leave them held in every worker.
+    r = rig()
+    workers = [r.attach(slot) for slot in range(3)]
+    for worker in workers:
+        worker.set_fd_room(100)
+    for worker in workers + workers:
+        worker.receive()
+    assert [w.siblings for w in workers] == [[1, 2], [0, 2], [0, 1]]
+    assert [w.fd_room for w in workers] == [98, 98, 98]
+    first, gone, third = workers
+    gone.close()
+    assert r.dispatcher.detach(1) == 0
+    descriptors, pages = len(os.listdir("/proc/self/fd")), held_load_pages()
+    first.receive()
+    third.receive()
+    assert (first.siblings, third.siblings) == ([2], [0])
+    assert (first.fd_room, third.fd_room) == (99, 99)
+    # One channel end and one page less in each of the two (all in this process).
+    assert len(os.listdir("/proc/self/fd")) == descriptors - 2
+    assert held_load_pages() == pages - 2
+    # The slot taken again: introduced anew, counted out again.
+    workers[1] = r.attach(1)
+    workers[1].receive()
+    first.receive()
+    assert first.siblings == [1, 2] and first.fd_room == 98
+
+
 def test_a_worker_takes_in_hand_no_more_than_the_queue_depth(rig):
     # The primary queues up to 4x --queue-depth for a worker, one message
     # per connection; the worker takes --queue-depth of them at a time, so
