@@ -30,8 +30,9 @@ class Target:
     measured: Callable[[dict, dict], float | None]   # (results, summary) -> value
     # Why the target does not apply to this run (None: it does).
     not_applicable: Callable[[dict], str | None] = lambda results: None
-    # The per-round values a ratio's median is taken from, to show its spread.
-    rounds: Callable[[dict], list[float]] = lambda results: []
+    # The per-round values a ratio's median is taken from, to show its spread,
+    # each with the larger stolen share of the two runs (None: not measured).
+    rounds: Callable[[dict], list[tuple[float, float | None]]] = lambda results: []
 
     def met(self, value: float | None) -> bool | None:
         if value is None:
@@ -85,10 +86,10 @@ def workers_lack_a_cpu_each(results: dict) -> str | None:
 
 
 def rounds_of(workload: str, field: str, mode: str = DISPATCH,
-              base: str = "") -> Callable[[dict], list[float]]:
+              base: str = "") -> Callable[[dict], list[tuple[float, float | None]]]:
     """A Target's `rounds`: the ratios its median comes from (base: the baseline)."""
-    return lambda results: per_round_ratios(results, workload, mode,
-                                            base or results["baseline"], field)
+    return lambda results: per_round_ratios_and_steal(results, workload, mode,
+                                                      base or results["baseline"], field)
 
 
 TARGETS = (
@@ -136,6 +137,20 @@ def per_round_ratios(results: dict, workload: str, mode: str, base: str,
     return [r["wrk"][field] / base_by_round[r["round"]]
             for r in runs_of(results, workload, mode)
             if base_by_round.get(r["round"])]
+
+
+def per_round_ratios_and_steal(results: dict, workload: str, mode: str, base: str,
+                               field: str) -> list[tuple[float, float | None]]:
+    """per_round_ratios, each with the larger host steal of the two runs it compares."""
+    base_by_round = {r["round"]: r for r in runs_of(results, workload, base)}
+    pairs = []
+    for run in runs_of(results, workload, mode):
+        other = base_by_round.get(run["round"])
+        if other and other["wrk"][field]:
+            stolen = [r.get("host_stolen_pct") for r in (run, other)]
+            pairs.append((run["wrk"][field] / other["wrk"][field],
+                          None if None in stolen else max(stolen)))
+    return pairs
 
 
 def per_round_ratio(results: dict, workload: str, mode: str, base: str,
@@ -239,12 +254,18 @@ def targets(results: dict, summary: dict) -> list[dict]:
     for target in TARGETS:
         value = target.measured(results, summary)
         why_not = target.not_applicable(results)
-        rounds = target.rounds(results)
+        pairs = target.rounds(results)
+        rounds = [ratio for ratio, _ in pairs]
+        # Rounds where the host took little from either run compared; None
+        # where steal was not measured.
+        quiet = ([ratio for ratio, stolen in pairs if stolen <= STOLEN_WARNING_PCT]
+                 if pairs and all(stolen is not None for _, stolen in pairs) else None)
         checks.append({"target": target.name, "measure": target.measure,
                        "limit": f"{target.comparison} {target.limit:g}",
                        "measured": value, "met": None if why_not else target.met(value),
                        "not_applicable": why_not,
                        "rounds": rounds,
+                       "quiet_rounds": quiet,
                        # Met by the median, yet missed in some round (or the
                        # reverse): the verdict could flip on a re-run.
                        "split": len({target.met(r) for r in rounds}) > 1})
@@ -259,6 +280,13 @@ def spread(check: dict) -> str:
     text = f" (rounds {number(min(rounds))}-{number(max(rounds))}"
     if check.get("split") and check.get("met") is not None:
         text += ", missed in some" if check.get("met") else ", met in some"
+    quiet = check.get("quiet_rounds")
+    if quiet is not None and len(quiet) < len(rounds):
+        # Some rounds ran while the host took much of the CPUs: what the
+        # others alone say, since a busy host can favour one mode.
+        text += (f"; {number(statistics.median(quiet))} over the {len(quiet)} of "
+                 f"{len(rounds)} rounds under {STOLEN_WARNING_PCT:g}% steal"
+                 if quiet else f"; no round under {STOLEN_WARNING_PCT:g}% steal")
     return text + ")"
 
 def number(value: float | None, digits: int = 2) -> str:
