@@ -524,7 +524,7 @@ cdef struct Slot:
     int load_fd             # its load page, for its siblings (COMMAND_SIBLING)
     SlotState state
     bint congested          # its channel was full; skipped until it reads
-    uint32_t congested_at   # (in_flight then) or reports
+    uint32_t congested_at   # (waiting_in_channel then) or reports
     bint stop_pending       # COMMAND_STOP not sent yet
     bint final_pending      # COMMAND_FINAL not sent yet
     LoadPage *page          # shared with the worker
@@ -558,11 +558,6 @@ cdef inline uint32_t waiting_in_channel(LoadPage *page) noexcept:
                              - atomic_load_u32(&page.reclaimed)
                              - atomic_load_u32(&page.received))
     return 0 if waiting >= 0x80000000 else waiting
-
-
-cdef inline uint32_t in_flight(Slot *s) noexcept:
-    """Fds sent to the worker that are still in its channel."""
-    return waiting_in_channel(s.page)
 
 
 cdef inline void close_all(const int *fds, int count) noexcept nogil:
@@ -849,7 +844,7 @@ cdef class Dispatcher:
         return monotonic() - self.slots[slot].last_heard
 
     def load(self, int slot):
-        """(open, queued, in_flight, handed_total) for the worker in `slot`.
+        """(open, queued, in its channel, handed_total) for the worker in `slot`.
 
         `open` and `queued` include what is in flight.
         """
@@ -859,7 +854,7 @@ cdef class Dispatcher:
         s = &self.slots[slot]
         return (atomic_load_u32(&s.page.open) + s.batch_len,
                 atomic_load_u32(&s.page.queued) + s.batch_len,
-                in_flight(s) + s.batch_len, s.handed_total)
+                waiting_in_channel(s.page) + s.batch_len, s.handed_total)
 
     def lost(self, int slot):
         """Connections the worker in `slot` could not install since last asked."""
@@ -1086,7 +1081,7 @@ cdef class Dispatcher:
             s.stuck = False
             if s.page == NULL:
                 continue
-            if s.congested and in_flight(s) < s.congested_at:
+            if s.congested and waiting_in_channel(s.page) < s.congested_at:
                 s.congested = False     # it has read from its channel since
             if atomic_load_u32(&s.page.reintroduce):
                 atomic_store_u32(&s.page.reintroduce, 0)
@@ -1108,7 +1103,7 @@ cdef class Dispatcher:
             # With its hand full it is busy with what it holds, and says so
             # by its stamp if that is slow work.
             received = atomic_load_u32(&s.page.received)
-            waiting = in_flight(s)
+            waiting = waiting_in_channel(s.page)
             if self.stopping:
                 # Everything goes to the finishing workers and stays there.
                 s.seen_at = 0
@@ -1146,7 +1141,7 @@ cdef class Dispatcher:
                 atomic_store_u32(&s.page.steal_gate, STEAL_OPEN)
             if s.stuck:
                 self.any_stuck = True
-                if in_flight(s) and self._reclaim(s) and s.not_reading:
+                if waiting_in_channel(s.page) and self._reclaim(s) and s.not_reading:
                     # A worker that was only slow to run may have found the
                     # channel readable and then, once it ran, empty: it
                     # sleeps without reading the nudge, and is given nothing
@@ -1289,7 +1284,7 @@ cdef class Dispatcher:
             # Its channel is full (it is not reading) or the kernel's limit
             # on fds in flight is reached; try it again once it has read.
             s.congested = True
-            s.congested_at = in_flight(s)
+            s.congested_at = waiting_in_channel(s.page)
         else:
             self._close_slot(i)     # broken; its exit tells the supervisor
         return 0
@@ -1927,6 +1922,17 @@ cdef class WorkerChannel:
 
     # Siblings: taking over what waits in their channels (SiblingChannels)
 
+    cdef inline bint _at_a_limit(self) noexcept:
+        """As many open connections as its descriptors or --max-conns allow.
+
+        Stolen connections count like handed ones: the primary checks the
+        same two before it hands one (Dispatcher._pick).
+        """
+        cdef uint32_t open_now = atomic_load_u32(&self.page.open)
+        cdef uint32_t room = atomic_load_u32(&self.page.fd_room)
+        cdef uint32_t most = atomic_load_u32(&self.page.max_conns)
+        return (room != 0 and open_now >= room) or (most != 0 and open_now >= most)
+
     cdef uint32_t _room_in_hand(self) noexcept:
         """How many more unreached connections this worker may hold (see hand_full).
 
@@ -1938,9 +1944,8 @@ cdef class WorkerChannel:
         The rest stays in the sibling's channel for the next look.
         """
         cdef uint32_t limit = atomic_load_u32(&self.page.hand_limit)
-        cdef uint32_t most = atomic_load_u32(&self.page.max_conns)
-        if most and atomic_load_u32(&self.page.open) >= most:
-            return 0    # --max-conns holds for stolen connections too
+        if self._at_a_limit():
+            return 0
         if limit == 0:
             return 0xFFFFFFFF
         return limit - self.in_hand if self.in_hand < limit else 0
@@ -1981,7 +1986,7 @@ cdef class WorkerChannel:
         cdef LoadPage *page
         cdef int channel, k
         cdef int *data = NULL
-        cdef uint32_t installed, lost, room, j, now = 0, taken = 0, want
+        cdef uint32_t installed, lost, j, now = 0, taken = 0, want
         cdef uint32_t hand_room = self._room_in_hand()
         cdef ssize_t received
         cdef bint idle
@@ -2000,14 +2005,7 @@ cdef class WorkerChannel:
             if not atomic_cas_u32(&page.steal_gate, STEAL_OPEN, STEAL_STEALING):
                 continue    # another sibling is in, or a stop is coming
             channel = self.siblings_known.channels[k]
-            while want:
-                # Descriptors, then --max-conns, for each connection taken.
-                room = atomic_load_u32(&self.page.fd_room)
-                if room and atomic_load_u32(&self.page.open) >= room:
-                    break
-                room = atomic_load_u32(&self.page.max_conns)
-                if room and atomic_load_u32(&self.page.open) >= room:
-                    break
+            while want and not self._at_a_limit():
                 received = receive_command(channel, &command, &self.control,
                                            &data, &installed)
                 if received <= 0:

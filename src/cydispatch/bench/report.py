@@ -130,18 +130,10 @@ def runs_of(results: dict, workload: str, mode: str) -> list[dict]:
     return [r for r in results["runs"] if r["workload"] == workload and r["mode"] == mode]
 
 
-def per_round_ratios(results: dict, workload: str, mode: str, base: str,
-                     field: str) -> list[float]:
-    """mode's field / base's field in each round both ran, in round order."""
-    base_by_round = {r["round"]: r["wrk"][field] for r in runs_of(results, workload, base)}
-    return [r["wrk"][field] / base_by_round[r["round"]]
-            for r in runs_of(results, workload, mode)
-            if base_by_round.get(r["round"])]
-
-
 def per_round_ratios_and_steal(results: dict, workload: str, mode: str, base: str,
                                field: str) -> list[tuple[float, float | None]]:
-    """per_round_ratios, each with the larger host steal of the two runs it compares."""
+    """mode's field / base's field in each round both ran, in round order, each
+    with the larger host steal of the two runs it compares (None: not measured)."""
     base_by_round = {r["round"]: r for r in runs_of(results, workload, base)}
     pairs = []
     for run in runs_of(results, workload, mode):
@@ -156,7 +148,8 @@ def per_round_ratios_and_steal(results: dict, workload: str, mode: str, base: st
 def per_round_ratio(results: dict, workload: str, mode: str, base: str,
                     field: str) -> float | None:
     """Median over rounds of mode's field / base's field in the same round."""
-    ratios = per_round_ratios(results, workload, mode, base, field)
+    ratios = [ratio for ratio, _ in
+              per_round_ratios_and_steal(results, workload, mode, base, field)]
     return statistics.median(ratios) if ratios else None
 
 
