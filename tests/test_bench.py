@@ -389,8 +389,43 @@ def test_connection_cpu_script_splits_a_connection_s_cpu_per_process():
             for line in result.stdout.splitlines() if line.startswith("| ")}
     assert rows["mode"][:3] == ["req/s", "primary µs/conn", "workers µs/conn"]
     for mode in ("dispatch", "reuseport"):
-        requests_per_second, primary_us, workers_us, softirq_us, switches = map(
+        requests_per_second, primary_us, workers_us, softirq_us, switches, stolen = map(
             float, rows[mode])
         # The workers serve every request: tens of µs each, many clock ticks.
         assert requests_per_second > 0 and workers_us > 0, (mode, rows[mode])
         assert primary_us >= 0 and softirq_us >= 0 and switches > 0, (mode, rows[mode])
+        assert 0 <= stolen <= 100, (mode, rows[mode])
+
+
+@needs_wrk
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a CPU for wrk and one for the server")
+def test_connection_cpu_script_measures_another_build_in_the_same_rounds():
+    # Another build is its own `cydispatch` command: here the installed console
+    # script stands in for an older build's (RESULTS.md, "Then and now").
+    result = subprocess.run([sys.executable, str(CONNECTION_CPU), "--rounds", "2",
+                             "--duration", "1", "--modes", "dispatch",
+                             "--against", f"installed={CYDISPATCH}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1].strip() for line in result.stdout.splitlines()
+            if line.startswith("| ")]
+    assert rows == ["mode", "dispatch (this build)", "dispatch (installed)"]
+    # Both builds ran in each round, the order turning from one round to the next.
+    assert re.findall(r"\[round (\d)\] dispatch \((.+)\)", result.stderr) == [
+        ("1", "this build"), ("1", "installed"), ("2", "installed"), ("2", "this build")]
+    ratio = re.search(r"dispatch: the primary's CPU per connection, this build / installed: "
+                      r"([\d.]+) \(rounds: ([\d.]+), ([\d.]+)\)", result.stdout)
+    assert ratio, result.stdout
+    assert float(ratio.group(1)) > 0
+
+
+@pytest.mark.parametrize("against, message", [
+    ("nolabel", "expected LABEL=COMMAND"),
+    ("old=/nonexistent/cydispatch", "/nonexistent/cydispatch: not an executable"),
+    ("this build=/bin/true", "names this checkout's build"),
+])
+def test_connection_cpu_script_refuses_a_build_it_cannot_run(against, message):
+    result = subprocess.run([sys.executable, str(CONNECTION_CPU), "--against", against],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
