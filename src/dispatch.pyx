@@ -89,6 +89,14 @@ cdef enum:
     # shared socket's, 16 within 3-4%, 64 doubled it (the free worker then
     # holds dozens when it meets a slow request of its own).
     STUCK_DEPTH_FACTOR = 16
+    # A worker inside one request for longer than this is serving slow work:
+    # while one has been seen within SLOW_MEMORY_SECONDS, the primary hands
+    # with the shallower of its two depths (Dispatcher._adapt_depth).  Well
+    # above what a fast request can spend waiting for a shared CPU: at 5 ms,
+    # two workers taking turns on one CPU under `close` were often caught
+    # waiting, and handed shallow batches all the time (0.79x-0.89x a
+    # shared socket's throughput, against 0.99x-1.15x at 15 ms).
+    SLOW_REQUEST_MICROSECONDS = 15000
     # A worker takes in hand at most --queue-depth connections it has not
     # reached yet; the primary may queue this many times as many for it,
     # the rest waiting in its channel.  The worker then goes from one
@@ -137,6 +145,8 @@ cdef double UNREAD_RECHECK_SECONDS = 0.005
 # How soon a stop that found a sibling taking from the worker's channel is
 # tried again: the sibling is in there for a few system calls.
 cdef double GATE_RECHECK_SECONDS = 0.001
+# How long the shallower depth stays after the last slow request was seen.
+cdef double SLOW_MEMORY_SECONDS = 1.0
 
 
 # Wire format.  Both ends are this module on one machine, so native layout.
@@ -582,7 +592,10 @@ cdef class Dispatcher:
         bint python_fd_ready
         Policy policy
         uint32_t max_conns
-        uint32_t queue_depth
+        uint32_t queue_depth    # the depth handed with now: one of the two below
+        uint32_t full_depth     # with every request fast
+        uint32_t slow_depth     # while slow requests are being served
+        double slow_seen_at     # when a worker was last seen in a slow request
         Slot *slots
         int nslots
         int next_slot           # where a pick starts looking: ties rotate
@@ -615,7 +628,7 @@ cdef class Dispatcher:
 
     def __cinit__(self, int listen_fd=-1, int wake_fd=-1,
                   str policy="least-conn", uint32_t max_conns=1024,
-                  uint32_t queue_depth=2):
+                  uint32_t queue_depth=2, uint32_t slow_queue_depth=0):
         cdef int k
         self.epfd = -1
         self.listen_fd = -1
@@ -627,10 +640,14 @@ cdef class Dispatcher:
             raise ValueError("max_conns must be at least 1")
         if queue_depth < 1:
             raise ValueError("queue_depth must be at least 1")
+        if slow_queue_depth > queue_depth:
+            raise ValueError("slow_queue_depth must not be above queue_depth")
         self.policy = POLICY_LEAST_CONN if policy == "least-conn" \
             else POLICY_ROUND_ROBIN
         self.max_conns = max_conns
-        self.queue_depth = queue_depth
+        self.queue_depth = self.full_depth = queue_depth
+        # 0: the same depth always.
+        self.slow_depth = slow_queue_depth or queue_depth
         memset(&self.orphans, 0, sizeof(FdQueue))
         self.outgoing = <HandoffMessages *>malloc(sizeof(HandoffMessages))
         if self.outgoing == NULL:
@@ -734,8 +751,7 @@ cdef class Dispatcher:
                 close(load_copy)
             raise
         s.page = page
-        atomic_store_u32(&page.hand_limit, self.queue_depth)
-        atomic_store_u32(&page.nudge_below, self.queue_depth * CHANNEL_AHEAD_FACTOR // 2)
+        self._write_depth(page)
         atomic_store_u32(&page.max_conns, self.max_conns)
         s.channel = channel_fd
         s.peer = peer_fd
@@ -897,6 +913,11 @@ cdef class Dispatcher:
     @property
     def listening(self):
         return self.listen_fd >= 0
+
+    @property
+    def queue_depth(self):
+        """The depth handed with now: the slow one while slow requests are served."""
+        return self.queue_depth
 
     def watch_python(self, int fd):
         """Return EVENT_PYTHON_FD from run() while `fd` is readable (level-triggered).
@@ -1073,6 +1094,7 @@ cdef class Dispatcher:
         """
         cdef uint32_t since, received, waiting, now = 0
         cdef int i
+        cdef bint slow = False
         cdef Slot *s
         self.any_stuck = False
         self.any_unread = False
@@ -1097,6 +1119,8 @@ cdef class Dispatcher:
                 # than `now` gives a huge value, read as not stuck.
                 if STUCK_MICROSECONDS < now - since < 0x80000000:
                     s.stuck = True
+                    if now - since > SLOW_REQUEST_MICROSECONDS:
+                        slow = True
             # A worker that takes nothing off its channel for as long, with
             # handoffs waiting there and room in hand for them, is as stuck
             # (frozen, swapped out): what waits goes to a worker that reads.
@@ -1152,7 +1176,44 @@ cdef class Dispatcher:
                     # worker frozen for good leaves it unread; a later
                     # take-back drops it with the handoffs and sends another.
                     send_command(s.channel, COMMAND_WAKE)
+        if self.slow_depth != self.full_depth:
+            self._adapt_depth(slow)
         return 0
+
+    cdef int _adapt_depth(self, bint slow) except -1:
+        """Hand with the slow depth while slow requests are being served.
+
+        Workers that take turns on a CPU serve more at a time in deeper
+        batches (fewer rounds of context switches), but whatever one holds
+        in hand when it meets a slow request waits for the whole request,
+        on a CPU it shares.  With wrk on CPU 0 and 2 workers on CPU 1
+        (bench/RESULTS.md, "Then and now"): at a fixed depth of 4, `skew`
+        p99 was 1.22x-1.32x a shared socket's over 8 runs; at a fixed 2,
+        0.95x, but `close` throughput fell to 0.74x a shared socket's.
+        Slow requests come and go with what an app is asked, so the depth
+        follows them: the slow one from the first seen, the full one back a
+        second (SLOW_MEMORY_SECONDS) after the last.  Over 4 runs that gave
+        `skew` p99 at 0.90x-1.16x a shared socket's and `close` as at 4.
+        """
+        cdef double now = monotonic()
+        cdef uint32_t depth
+        cdef int i
+        if slow:
+            self.slow_seen_at = now
+        depth = (self.slow_depth if self.slow_seen_at != 0
+                 and now - self.slow_seen_at < SLOW_MEMORY_SECONDS else self.full_depth)
+        if depth == self.queue_depth:
+            return 0
+        self.queue_depth = depth
+        for i in range(self.nslots):
+            if self.slots[i].page != NULL:
+                self._write_depth(self.slots[i].page)
+        return 0
+
+    cdef inline void _write_depth(self, LoadPage *page) noexcept:
+        """What a worker reads of the depth: its hand, and when to nudge."""
+        atomic_store_u32(&page.hand_limit, self.queue_depth)
+        atomic_store_u32(&page.nudge_below, self.queue_depth * CHANNEL_AHEAD_FACTOR // 2)
 
     cdef inline int _assign(self, int i, int fd) except -1:
         cdef Slot *s = &self.slots[i]

@@ -37,12 +37,13 @@ from waiting import wait_until, wait_until_async
 class Rig:
     """A Dispatcher on a loopback listener, with workers attached by hand."""
 
-    def __init__(self, queue_depth: int = 2, max_conns: int = 1024) -> None:
+    def __init__(self, queue_depth: int = 2, max_conns: int = 1024,
+                 slow_queue_depth: int = 0) -> None:
         listener = socket.create_server(("127.0.0.1", 0), backlog=512)
         listener.setblocking(False)
         self.address = listener.getsockname()
         self.dispatcher = Dispatcher(listener.detach(), -1, "least-conn", max_conns,
-                                     queue_depth)
+                                     queue_depth, slow_queue_depth)
         self.workers: dict[int, WorkerChannel] = {}
         self.channel_copies: dict[int, int] = {}
         self.clients: list[socket.socket] = []
@@ -580,6 +581,56 @@ def test_a_worker_takes_in_hand_no_more_than_the_queue_depth(rig):
     second = worker.receive(within_hand=True)[0]
     assert len(second) == 1 and worker.hand_full
     assert peers_of(first + second) == addresses(clients[:3])   # in order
+
+
+def test_the_depth_is_the_slow_one_while_a_request_is_slow(rig):
+    # Workers that share a CPU are handed deeper batches; but what one holds
+    # waits behind its slow request, so while one is seen the primary hands
+    # with the slow depth, and goes back to the full one a second after.
+    r = rig(queue_depth=4, slow_queue_depth=2)
+    slow = r.attach(0)
+    free = r.attach(1)
+    r.connect(2)
+    hand_out(r, 2)
+    assert r.dispatcher.queue_depth == 4
+    slow.receive(within_hand=True)
+    free.receive(within_hand=True)
+    slow.begin()                            # enters a request and stays there
+    entered = time.monotonic()
+    wait_until(lambda: time.monotonic() - entered > 0.016,
+               message="16 ms in one request: slow work, not a wait for the CPU")
+    r.connect(8)
+    hand_out(r, 10)
+    assert r.dispatcher.queue_depth == 2
+    # The free worker had one in hand: one more now, not three.
+    taken = free.receive(within_hand=True)[0]
+    assert len(taken) == 1 and free.hand_full
+    slow.end()
+    ended = time.monotonic()
+    for _ in range(2):                      # its own two, and the one of before
+        free.dequeue()
+    slow.dequeue()
+    # A second after the last slow request, the next connections see the full depth.
+    wait_until(lambda: time.monotonic() - ended > 1.0, message="a second without one")
+    r.connect(1)
+    hand_out(r, 11)
+    assert r.dispatcher.queue_depth == 4
+    # Its hand empty, the free worker takes 4 of the 7 waiting in its channel.
+    assert len(free.receive(within_hand=True)[0]) == 4
+
+
+def test_one_depth_stays_with_a_slow_request(rig):
+    # --queue-depth given: it is the depth whatever the requests take.
+    r = rig(queue_depth=4)
+    slow = r.attach(0)
+    r.attach(1)
+    slow.begin()
+    entered = time.monotonic()
+    wait_until(lambda: time.monotonic() - entered > 0.016, message="16 ms in one request")
+    r.connect(2)
+    hand_out(r, 2)
+    assert r.dispatcher.queue_depth == 4
+    slow.end()
 
 
 def test_a_worker_wakes_the_primary_once_its_queue_is_down_to_half(rig):

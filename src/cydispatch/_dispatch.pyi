@@ -37,7 +37,7 @@ class Dispatcher:
 
     def __init__(self, listen_fd: int = -1, wake_fd: int = -1,
                  policy: str = "least-conn", max_conns: int = 1024,
-                 queue_depth: int = 2) -> None: ...
+                 queue_depth: int = 2, slow_queue_depth: int = 0) -> None: ...
     def attach(self, slot: int, channel_fd: int, load_fd: int, peer_fd: int = -1) -> None:
         """A new worker in `slot`: its channel, load page and the worker's end (owned)."""
     def detach(self, slot: int) -> int:
@@ -71,6 +71,9 @@ class Dispatcher:
         """Connections workers took from their siblings' channels (WorkerChannel.steal)."""
     @property
     def listening(self) -> bool: ...
+    @property
+    def queue_depth(self) -> int:
+        """The depth handed with now: slow_queue_depth while slow requests are served."""
 
 class WorkerChannel:
     """A worker's end of its channel."""

@@ -245,7 +245,7 @@ class Settings:
         "in dispatch mode (up to 4 times as many wait in its channel, the rest "
         "in the backlog for the first worker to catch up); higher gives more "
         "throughput, lower a shorter tail; auto: 2, times the workers sharing "
-        "each CPU", parse=queue_depth, check=valid_queue_depth,
+        "each CPU, and 2 while some request is slow", parse=queue_depth, check=valid_queue_depth,
         metavar="N", shown="auto")
     # Time limits
     graceful_timeout: float = option(
@@ -350,12 +350,16 @@ def env_name(field: dataclasses.Field) -> str:
     return ENV_PREFIX + field.name.upper()
 
 
-def auto_queue_depth(workers: int, cpus: int) -> int:
-    """The queue depth when --queue-depth is auto: 2 per worker sharing a CPU.
+def auto_queue_depths(workers: int, cpus: int) -> tuple[int, int]:
+    """The queue depths when --queue-depth is auto: (fast, slow).
 
     With a CPU each, 2 keeps the tail short under uneven work (measured in
     bench/RESULTS.md).  Workers that take turns on a CPU catch up only on
     their turn, and each small batch costs a round of context switches on
-    that CPU: they get proportionally more at a time.
+    that CPU: they get proportionally more at a time, the first depth.
+    While a worker is seen in a slow request they are handed 2 again, the
+    second: what one holds waits behind its slow request, on a shared CPU
+    (Dispatcher._adapt_depth).
     """
-    return 2 * -(-workers // max(cpus, 1))
+    lone = 2
+    return lone * -(-workers // max(cpus, 1)), lone

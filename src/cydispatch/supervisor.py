@@ -31,7 +31,7 @@ import time
 from cydispatch._dispatch import DURATION_BOUNDS, Dispatcher, Event
 from cydispatch.listener import ListenError, bind, format_address
 from cydispatch.messages import MessageRouter
-from cydispatch.settings import Settings, auto_queue_depth, available_cpus
+from cydispatch.settings import Settings, auto_queue_depths, available_cpus
 from cydispatch.slots import MAX_BOOT_FAILURES, WorkerProcess, WorkerSlot, WorkerSlots
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
 from cydispatch.systemd import Notifier, inherited_listener
@@ -188,15 +188,19 @@ class Arbiter:
                                      lambda: snapshot_of(self))
         self.install_signals()
         listen_fd = self.listener.detach() if settings.mode == "dispatch" else -1
-        depth = settings.queue_depth or auto_queue_depth(settings.workers,
-                                                          len(self.cpus))
+        if settings.queue_depth:
+            depth = slow_depth = settings.queue_depth
+        else:
+            depth, slow_depth = auto_queue_depths(settings.workers, len(self.cpus))
         self.dispatcher = Dispatcher(listen_fd, self.wake_r, settings.policy,
-                                     settings.max_conns, depth)
+                                     settings.max_conns, depth, slow_depth)
         self.dispatcher.watch_python(self.router.fileno())
         self.yield_to_workers()
         how = settings.mode
         if settings.mode == "dispatch":
             how += f", {settings.policy}, queue depth {depth}"
+            if slow_depth != depth:
+                how += f" ({slow_depth} while some request is slow)"
         log.info("Primary %d is running (%s, %d workers, %s)", os.getpid(), how,
                  settings.workers, self.address)
         for _ in range(settings.workers):
