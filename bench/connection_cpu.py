@@ -128,7 +128,7 @@ def ratio_line(mode: str, label: str, ours: list[dict], theirs: list[dict]) -> s
     ratios = [a["primary_us"] / b["primary_us"]
               for a, b in zip(ours, theirs) if b["primary_us"] > 0]
     if not ratios:
-        return f"{mode}: {label}'s primary used no measurable CPU; no ratio"
+        return f"{mode}: no ratio, {label}'s primary used no measurable CPU"
     rounds = ", ".join(f"{r:.2f}" for r in ratios)
     return (f"{mode}: the primary's CPU per connection, {THIS_BUILD} / {label}: "
             f"{statistics.median(ratios):.2f} (rounds: {rounds})")
@@ -170,10 +170,11 @@ def main() -> int:
                  for key, _, form in COLUMNS]
         name = f"{mode} ({build})" if len(builds) > 1 else mode
         print(f"| {name} | " + " | ".join(cells) + " |")
-    if args.against:
+    # In the other modes the workers accept, and the primary only watches.
+    if args.against and "dispatch" in args.modes:
         print()
-        for mode in args.modes:
-            print(ratio_line(mode, label, runs[THIS_BUILD, mode], runs[label, mode]))
+        print(ratio_line("dispatch", label, runs[THIS_BUILD, "dispatch"],
+                         runs[label, "dispatch"]))
     return 0
 
 
