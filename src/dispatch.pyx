@@ -95,7 +95,7 @@ cdef enum:
     # above what a fast request can spend waiting for a shared CPU: at 5 ms,
     # two workers taking turns on one CPU under `close` were often caught
     # waiting, and handed shallow batches all the time (0.79x-0.89x a
-    # shared socket's throughput, against 0.99x-1.15x at 15 ms).
+    # shared socket's throughput, against 0.97x-1.15x at 15 ms).
     SLOW_REQUEST_MICROSECONDS = 15000
     # A worker takes in hand at most --queue-depth connections it has not
     # reached yet; the primary may queue this many times as many for it,
@@ -1194,10 +1194,17 @@ cdef class Dispatcher:
         follows them: the slow one from the first seen, the full one back a
         second (SLOW_MEMORY_SECONDS) after the last.  Over 4 runs that gave
         `skew` p99 at 0.90x-1.16x a shared socket's and `close` as at 4.
+
+        A WSGI worker stamps its page while every thread of its pool is
+        busy (WorkerChannel.hold_busy): a pool busy for as long counts as a
+        slow request, since what the worker holds waits as long.
         """
-        cdef double now = monotonic()
+        cdef double now
         cdef uint32_t depth
         cdef int i
+        if not slow and self.queue_depth == self.full_depth:
+            return 0    # the usual case: no clock read
+        now = monotonic()
         if slow:
             self.slow_seen_at = now
         depth = (self.slow_depth if self.slow_seen_at != 0
@@ -1208,6 +1215,11 @@ cdef class Dispatcher:
         for i in range(self.nslots):
             if self.slots[i].page != NULL:
                 self._write_depth(self.slots[i].page)
+                # A worker whose hand was full at the old depth stopped
+                # reading its channel; it has room now, but reads again only
+                # once it reaches a connection: not a worker that has stopped
+                # reading (_observe_busy), so its clock starts afresh.
+                self.slots[i].seen_at = 0
         return 0
 
     cdef inline void _write_depth(self, LoadPage *page) noexcept:

@@ -593,8 +593,7 @@ def test_the_depth_is_the_slow_one_while_a_request_is_slow(rig):
     r.connect(2)
     hand_out(r, 2)
     assert r.dispatcher.queue_depth == 4
-    slow.receive(within_hand=True)
-    free.receive(within_hand=True)
+    held = slow.receive(within_hand=True)[0] + free.receive(within_hand=True)[0]
     slow.begin()                            # enters a request and stays there
     entered = time.monotonic()
     wait_until(lambda: time.monotonic() - entered > 0.016,
@@ -603,20 +602,23 @@ def test_the_depth_is_the_slow_one_while_a_request_is_slow(rig):
     hand_out(r, 10)
     assert r.dispatcher.queue_depth == 2
     # The free worker had one in hand: one more now, not three.
-    taken = free.receive(within_hand=True)[0]
-    assert len(taken) == 1 and free.hand_full
+    held += free.receive(within_hand=True)[0]
+    assert len(held) == 3 and free.hand_full
     slow.end()
     ended = time.monotonic()
-    for _ in range(2):                      # its own two, and the one of before
+    for _ in range(2):                      # it reaches both of its own
         free.dequeue()
     slow.dequeue()
-    # A second after the last slow request, the next connections see the full depth.
+    r.dispatcher.run(0)
+    assert r.dispatcher.queue_depth == 2    # remembered for a second
+    held += free.receive(within_hand=True)[0]
+    assert len(held) == 5 and free.hand_full    # 2 in hand, 5 in its channel
     wait_until(lambda: time.monotonic() - ended > 1.0, message="a second without one")
-    r.connect(1)
-    hand_out(r, 11)
+    r.dispatcher.run(0)
     assert r.dispatcher.queue_depth == 4
-    # Its hand empty, the free worker takes 4 of the 7 waiting in its channel.
-    assert len(free.receive(within_hand=True)[0]) == 4
+    held += free.receive(within_hand=True)[0]
+    assert len(held) == 7 and free.hand_full    # 4 in hand now
+    peers_of(held)
 
 
 def test_one_depth_stays_with_a_slow_request(rig):
