@@ -149,3 +149,65 @@ def test_a_worker_whose_threads_are_all_busy_gets_no_new_connections(start_serve
         assert sleeper.response().status == 200
     assert busy not in served_by and len(set(served_by)) == 1
 
+
+
+def test_a_full_pool_tells_the_primary_each_time_it_moves():
+    # Every thread busy reads as busy to the primary; a full pool that keeps
+    # finishing requests must not read as stuck in one slow request, so each
+    # thread that finishes while others wait stamps the mark afresh (True
+    # again), and only a thread left free ends it (False).
+    import asyncio
+    import threading
+    import types
+
+    from pyworker.wsgi import WsgiApp
+
+    gates = [threading.Event() for _ in range(3)]
+
+    def app(environ, start_response):
+        gates[int(environ["PATH_INFO"][1:])].wait(30)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"done"]
+
+    marks = []
+    wsgi = WsgiApp(app, types.SimpleNamespace(root_path="", threads=2))
+    wsgi.watch_load(marks.append)
+    sent = []
+
+    async def request(number: int) -> None:
+        scope = {"type": "http", "method": "GET", "path": f"/{number}", "query_string": b"",
+                 "http_version": "1.1", "scheme": "http", "headers": [],
+                 "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 40000 + number)}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append((number, message["type"]))
+
+        await wsgi(scope, receive, send)
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(request(n)) for n in range(3)]
+        deadline = asyncio.get_running_loop().time() + 30
+        while wsgi.busy_threads < 3:        # two running, the third waits for a thread
+            assert asyncio.get_running_loop().time() < deadline, "3 requests in the pool"
+            await asyncio.sleep(0.001)
+        assert marks == [True]
+        gates[0].set()
+        await tasks[0]
+        assert marks == [True, True]        # full still, but moving
+        gates[1].set()
+        await tasks[1]
+        assert marks == [True, True, False]  # a thread is free
+        gates[2].set()
+        await tasks[2]
+        assert marks == [True, True, False]
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        for gate in gates:
+            gate.set()
+        wsgi.stop()
+    assert sorted(number for number, kind in sent if kind == "http.response.body") == [0, 1, 2]

@@ -237,7 +237,12 @@ class WsgiApp:
         self.saturated = None     # called with True/False as every thread is busy or not
 
     def watch_load(self, saturated) -> None:
-        """Tell `saturated` when every thread is busy, and when one is free again."""
+        """Tell `saturated` when every thread is busy, and when one is free again.
+
+        Called with True when the pool fills up, again with True each time a
+        thread finishes while requests wait for one (the pool is full but
+        moving), and with False when a thread is left free.
+        """
         self.saturated = saturated
 
     def on_loop(self, coro):
@@ -279,9 +284,14 @@ class WsgiApp:
         try:
             whole = await loop.run_in_executor(self.executor, request.run, self.app)
         finally:
-            if self.busy_threads == self.threads and self.saturated is not None:
-                self.saturated(False)
             self.busy_threads -= 1
+            if self.saturated is not None and self.busy_threads >= self.threads - 1:
+                # A thread finished while every one was busy.  If another
+                # request waited, it takes the thread and the pool is still
+                # full, but it moves: the mark starts afresh, so that only a
+                # pool that finishes nothing for a while reads as stuck in
+                # slow work (a fast app under load keeps its pool full).
+                self.saturated(self.busy_threads >= self.threads)
         if whole is None:
             await request.send_chunk(b"", False)
         elif request.head_sent:
