@@ -596,6 +596,9 @@ cdef class Dispatcher:
         uint32_t full_depth     # with every request fast
         uint32_t slow_depth     # while slow requests are being served
         double slow_seen_at     # when a worker was last seen in a slow request
+        double slow_since       # when the spell at the slow depth began; 0: none
+        double slow_seconds_total   # in spells at the slow depth that have ended
+        uint64_t slow_spells_total
         Slot *slots
         int nslots
         int next_slot           # where a pick starts looking: ties rotate
@@ -916,8 +919,36 @@ cdef class Dispatcher:
 
     @property
     def queue_depth(self):
-        """The depth handed with now: the slow one while slow requests are served."""
+        """The depth handed with now: the slow one while slow requests are served.
+
+        As the next handoff will find it: a second after the last slow
+        request, the full one, even if no connection came since to switch.
+        """
+        if self.slow_since and monotonic() - self.slow_seen_at >= SLOW_MEMORY_SECONDS:
+            return self.full_depth
         return self.queue_depth
+
+    @property
+    def full_queue_depth(self):
+        """The depth handed with while every request is fast."""
+        return self.full_depth
+
+    @property
+    def slow_queue_depth(self):
+        """The depth handed with while slow requests are served (the full one if fixed)."""
+        return self.slow_depth
+
+    @property
+    def slow_spells(self):
+        """How many times the depth went to the slow one."""
+        return self.slow_spells_total
+
+    @property
+    def slow_seconds(self):
+        """Seconds spent at the slow depth, the spell going on included."""
+        if not self.slow_since:
+            return self.slow_seconds_total
+        return self.slow_seconds_total + self._slow_spell_end(monotonic()) - self.slow_since
 
     def watch_python(self, int fd):
         """Return EVENT_PYTHON_FD from run() while `fd` is readable (level-triggered).
@@ -1214,6 +1245,12 @@ cdef class Dispatcher:
         if depth == self.queue_depth:
             return 0
         self.queue_depth = depth
+        if depth == self.slow_depth:
+            self.slow_spells_total += 1
+            self.slow_since = now
+        else:
+            self.slow_seconds_total += self._slow_spell_end(now) - self.slow_since
+            self.slow_since = 0
         for i in range(self.nslots):
             if self.slots[i].page != NULL:
                 self._write_depth(self.slots[i].page)
@@ -1223,6 +1260,14 @@ cdef class Dispatcher:
                 # reading (_observe_busy), so its clock starts afresh.
                 self.slots[i].seen_at = 0
         return 0
+
+    cdef inline double _slow_spell_end(self, double now) noexcept:
+        """When the spell at the slow depth ends, if no slow request comes.
+
+        The depth goes back only when the primary next hands a connection:
+        a spell that met no traffic after its second ended with the second.
+        """
+        return min(now, self.slow_seen_at + SLOW_MEMORY_SECONDS)
 
     cdef inline void _write_depth(self, LoadPage *page) noexcept:
         """What a worker reads of the depth: its hand, and when to nudge."""

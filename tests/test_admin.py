@@ -301,3 +301,41 @@ def test_admin_address_in_use_is_one_line(start_server):
     assert result.returncode == 1
     assert result.stderr.strip() == (f"cydispatch: error: cannot listen on "
                                      f"{server.host}:{server.port}: address already in use")
+
+
+def test_the_queue_depth_falls_while_a_request_is_slow_and_status_says_so(start_server):
+    # Two workers on one CPU: deeper batches (4), and 2 while some request is
+    # slow, back to 4 a second after the last.  An operator sees all of it.
+    cpu = min(os.sched_getaffinity(0))
+    server = start_server("--admin", "127.0.0.1:0", wrapper=("taskset", "-c", str(cpu)))
+    url = admin_url(server)
+
+    def depth() -> dict:
+        return json.loads(fetch(url + "/status")[2])["queue_depth"]
+
+    assert depth() == {"now": 4, "full": 4, "slow": 2, "slow_spells": 0, "slow_seconds": 0}
+    with Connection(server.host, server.port) as slow:
+        slow.request("/slow?ms=400")
+        # The primary looks at the workers when it has a connection to hand.
+        wait_until(lambda: get(server.host, server.port).status == 200
+                   and depth()["now"] == 2, message="the slow depth while /slow runs")
+        assert slow.response().status == 200
+    wait_until(lambda: depth()["now"] == 4, message="the full depth a second after")
+    after = depth()
+    assert after["slow_spells"] >= 1 and after["slow_seconds"] >= 1.0, after
+    samples = metrics(server)
+    assert samples["cydispatch_queue_depth"][()] == 4
+    assert samples["cydispatch_queue_depth_slow_spells_total"][()] >= 1
+    assert samples["cydispatch_queue_depth_slow_seconds_total"][()] >= 1.0
+    table = status_command("--admin", url.removeprefix("http://")).stdout.splitlines()
+    assert any(re.fullmatch(r"queue depth now 4: 4, and 2 while some request is slow "
+                            r"\(\d+\.\d s in (1 spell|\d+ spells)\)", line) for line in table), table
+
+
+def test_a_baseline_mode_has_no_queue_depth(start_server):
+    server = start_server("--admin", "127.0.0.1:0", "--mode", "reuseport")
+    url = admin_url(server)
+    assert json.loads(fetch(url + "/status")[2])["queue_depth"] is None
+    assert "cydispatch_queue_depth" not in metrics(server)
+    table = status_command("--admin", url.removeprefix("http://")).stdout
+    assert "queue depth" not in table

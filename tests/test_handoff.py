@@ -598,9 +598,12 @@ def test_the_depth_is_the_slow_one_while_a_request_is_slow(rig):
     entered = time.monotonic()
     wait_until(lambda: time.monotonic() - entered > 0.016,
                message="16 ms in one request: slow work, not a wait for the CPU")
+    assert r.dispatcher.slow_spells == 0 and r.dispatcher.slow_seconds == 0
+    before_switch = time.monotonic()
     r.connect(8)
     hand_out(r, 10)
     assert r.dispatcher.queue_depth == 2
+    assert r.dispatcher.slow_spells == 1
     # The free worker had one in hand: one more now, not three.
     held += free.receive(within_hand=True)[0]
     assert len(held) == 3 and free.hand_full
@@ -614,8 +617,13 @@ def test_the_depth_is_the_slow_one_while_a_request_is_slow(rig):
     held += free.receive(within_hand=True)[0]
     assert len(held) == 5 and free.hand_full    # 2 in hand, 5 in its channel
     wait_until(lambda: time.monotonic() - ended > 1.0, message="a second without one")
+    # What the next handoff will find, before one comes to switch.
+    assert r.dispatcher.queue_depth == 4
     r.dispatcher.run(0)
     assert r.dispatcher.queue_depth == 4
+    # One spell: from the first slow sighting to a second after the last.
+    assert r.dispatcher.slow_spells == 1
+    assert 1.0 <= r.dispatcher.slow_seconds < time.monotonic() - before_switch
     held += free.receive(within_hand=True)[0]
     assert len(held) == 7 and free.hand_full    # 4 in hand now
     peers_of(held)

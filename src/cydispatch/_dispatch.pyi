@@ -74,6 +74,18 @@ class Dispatcher:
     @property
     def queue_depth(self) -> int:
         """The depth handed with now: slow_queue_depth while slow requests are served."""
+    @property
+    def full_queue_depth(self) -> int:
+        """The depth handed with while every request is fast."""
+    @property
+    def slow_queue_depth(self) -> int:
+        """The depth handed with while slow requests are served (the full one if fixed)."""
+    @property
+    def slow_spells(self) -> int:
+        """How many times the depth went to the slow one."""
+    @property
+    def slow_seconds(self) -> float:
+        """Seconds spent at the slow depth, the spell going on included."""
 
 class WorkerChannel:
     """A worker's end of its channel."""

@@ -112,6 +112,13 @@ def read_snapshot(arbiter) -> dict:
             "redispatched": dispatcher.redispatched if dispatching else None,
             "stolen": dispatcher.stolen if dispatching else None,
         },
+        # The depth the primary hands with (--queue-depth), and how long it
+        # has been shallow because slow requests were being served.
+        "queue_depth": {
+            "now": dispatcher.queue_depth, "full": dispatcher.full_queue_depth,
+            "slow": dispatcher.slow_queue_depth, "slow_spells": dispatcher.slow_spells,
+            "slow_seconds": round(dispatcher.slow_seconds, 3),
+        } if dispatching else None,
         "restarts": {reason: arbiter.slots.restarts[reason] for reason in RESTART_REASONS},
         "request_durations": {"bounds": list(DURATION_BOUNDS), "counts": durations,
                               "sum_seconds": duration_seconds},
@@ -167,6 +174,20 @@ class PrimaryCollector:
                 "reached them: it was stuck in a slow request, or had several waiting "
                 "while this worker had none.",
                 value=connections["stolen"])
+        depth = view.get("queue_depth")
+        if depth is not None:
+            yield GaugeMetricFamily(
+                "cydispatch_queue_depth",
+                "Connections a worker may take in hand before reaching their requests, "
+                "as the primary hands now (--queue-depth).", value=depth["now"])
+            yield CounterMetricFamily(
+                "cydispatch_queue_depth_slow_spells",
+                "Times the primary went to the slow queue depth: a worker was seen "
+                "15 ms into one request.", value=depth["slow_spells"])
+            yield CounterMetricFamily(
+                "cydispatch_queue_depth_slow_seconds",
+                "Seconds the primary handed with the slow queue depth.",
+                value=depth["slow_seconds"])
         restarts = CounterMetricFamily(
             "cydispatch_worker_restarts", "Workers replaced, by why.", labels=["reason"])
         for reason, count in view["restarts"].items():

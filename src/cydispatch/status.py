@@ -62,6 +62,15 @@ def table(view: dict) -> str:
         lines.append(f"connections accepted {connections['accepted']}, "
                      f"handed again {connections['redispatched']}, "
                      f"taken over by a sibling {connections.get('stolen', 0)}")
+    depth = view.get("queue_depth")     # none in the baseline modes, or from an older primary
+    if depth is not None:
+        if depth["slow"] == depth["full"]:
+            lines.append(f"queue depth {depth['now']}")
+        else:
+            spells = depth["slow_spells"]
+            lines.append(f"queue depth now {depth['now']}: {depth['full']}, and {depth['slow']} "
+                         f"while some request is slow ({depth['slow_seconds']:.1f} s in "
+                         f"{spells} spell{'' if spells == 1 else 's'})")
     restarts = ", ".join(f"{reason} {count}" for reason, count in view["restarts"].items())
     lines.append(f"restarts: {restarts}")
     messages = view.get("messages")     # an older primary's view has none
