@@ -1226,11 +1226,10 @@ cdef class Dispatcher:
         second (SLOW_MEMORY_SECONDS) after the last.  Over 4 runs that gave
         `skew` p99 at 0.90x-1.16x a shared socket's and `close` as at 4.
 
-        A WSGI worker stamps its page when every thread of its pool is busy,
-        and afresh each time one finishes a request meanwhile
-        (WorkerChannel.hold_busy): a pool that finishes nothing for as long
-        counts as a slow request, since what the worker holds waits as long.
-        A pool kept full by fast requests does not.
+        A WSGI worker stamps its page while every thread of its pool is
+        busy (WorkerChannel.hold_busy): a pool busy for as long counts as a
+        slow request, since what the worker holds waits as long, for a
+        thread, even if the pool finishes requests meanwhile.
         """
         cdef double now
         cdef uint32_t depth
@@ -1903,8 +1902,7 @@ cdef class WorkerChannel:
         """Read as busy until released, whatever begin() and end() say meanwhile.
 
         For work that does not block the event loop but fills the worker all
-        the same: a WSGI app with every thread of its pool taken.  Held again
-        (True while held), the stamp starts afresh: the work moves.
+        the same: a WSGI app with every thread of its pool taken.
         """
         self.busy_held = held
         if held:

@@ -643,35 +643,6 @@ def test_one_depth_stays_with_a_slow_request(rig):
     slow.end()
 
 
-def test_a_full_pool_that_finishes_requests_is_not_slow(rig):
-    # A WSGI worker holds its stamp while every thread is busy, and stamps
-    # afresh each time a thread finishes: a pool kept full by fast requests
-    # is not serving slow work, one that finishes nothing for 15 ms is.
-    for _ in range(5):
-        r = rig(queue_depth=4, slow_queue_depth=2)
-        pool = r.attach(0)
-        free = r.attach(1)
-        pool.hold_busy(True)
-        filled = time.monotonic()
-        wait_until(lambda: time.monotonic() - filled > 0.016, message="a full pool for 16 ms")
-        pool.hold_busy(True)                # a thread finished; a waiting request took it
-        moved = time.monotonic()
-        r.connect(2)
-        hand_out(r, 2)
-        if time.monotonic() - moved < 0.010:
-            break
-        # This process waited for a CPU for as long as slow work takes: the
-        # stamp had aged before the primary looked.  Again, on a fresh rig.
-    assert r.dispatcher.queue_depth == 4
-    held = free.receive(within_hand=True)[0]
-    wait_until(lambda: time.monotonic() - moved > 0.016, message="16 ms without a thread free")
-    r.connect(2)
-    hand_out(r, 4)
-    assert r.dispatcher.queue_depth == 2
-    pool.hold_busy(False)
-    peers_of(held)
-
-
 def test_a_worker_wakes_the_primary_once_its_queue_is_down_to_half(rig):
     # The primary waits for room with 8 queued for this worker and 4 more in
     # the backlog.  The worker says so (a report, which wakes the primary)

@@ -239,9 +239,14 @@ class WsgiApp:
     def watch_load(self, saturated) -> None:
         """Tell `saturated` when every thread is busy, and when one is free again.
 
-        Called with True when the pool fills up, again with True each time a
-        thread finishes while requests wait for one (the pool is full but
-        moving), and with False when a thread is left free.
+        Not each time a thread finishes while requests wait for one: the pool
+        is still full, and what the worker takes meanwhile waits for a
+        thread.  So the primary reads the whole stretch as one (a full pool
+        gets no more connections, and one full for 15 ms lowers the queue
+        depth), even while the pool keeps finishing requests.  Stamped
+        afresh at each, a pool of 4 threads kept full by 5 ms requests got
+        connections between completions and held more: p99 62 ms against
+        49 (bench/RESULTS.md, "A WSGI pool").
         """
         self.saturated = saturated
 
@@ -284,14 +289,9 @@ class WsgiApp:
         try:
             whole = await loop.run_in_executor(self.executor, request.run, self.app)
         finally:
+            if self.busy_threads == self.threads and self.saturated is not None:
+                self.saturated(False)
             self.busy_threads -= 1
-            if self.saturated is not None and self.busy_threads >= self.threads - 1:
-                # A thread finished while every one was busy.  If another
-                # request waited, it takes the thread and the pool is still
-                # full, but it moves: the mark starts afresh, so that only a
-                # pool that finishes nothing for a while reads as stuck in
-                # slow work (a fast app under load keeps its pool full).
-                self.saturated(self.busy_threads >= self.threads)
         if whole is None:
             await request.send_chunk(b"", False)
         elif request.head_sent:
