@@ -209,6 +209,8 @@ cdef struct LoadPage:
     uint32_t nudge      # set by the primary, cleared by the worker
     uint32_t busy_since  # microsecond clock (wrapping) when the worker entered
                          # a request's callbacks; 0 when it is between them
+    uint32_t busy_pool  # busy_since is a full thread pool's (hold_busy),
+                        # not one request's: see pool_full
     uint32_t received   # fds the worker took off its channel (wrapping)
     uint32_t fd_room    # connections the worker has descriptors for; 0: unknown
     uint32_t hand_limit  # --queue-depth, written by the primary: connections
@@ -551,6 +553,7 @@ cdef struct Slot:
     uint32_t seen_received  # page.received when last looked at, and since
     uint32_t seen_at        # when it has not moved with handoffs waiting (0: it moves)
     bint not_reading        # ...for too long: stuck until it reads or reports
+    bint pool_full          # stuck because every thread of its pool is busy
     uint64_t handed_total   # connections handed to this worker, for stats
     uint32_t orphaned       # left for others when its channel closed
     int batch_len
@@ -568,6 +571,19 @@ cdef inline uint32_t waiting_in_channel(LoadPage *page) noexcept:
                              - atomic_load_u32(&page.reclaimed)
                              - atomic_load_u32(&page.received))
     return 0 if waiting >= 0x80000000 else waiting
+
+
+cdef inline bint pool_full(LoadPage *page, uint32_t busy_for) noexcept:
+    """Whether a busy worker is a full thread pool rather than slow work.
+
+    A WSGI worker marks itself busy while every thread of its pool is taken
+    (WorkerChannel.hold_busy).  It starts on what waits in its channel as
+    soon as a thread is free: taken back, that goes to another worker only
+    as soon, unless one is free (Dispatcher._observe_busy).  Full for as
+    long as slow work takes, it counts as slow work.
+    """
+    return (atomic_load_u32(&page.busy_pool) != 0
+            and busy_for <= SLOW_REQUEST_MICROSECONDS)
 
 
 cdef inline void close_all(const int *fds, int count) noexcept nogil:
@@ -1126,12 +1142,15 @@ cdef class Dispatcher:
         cdef uint32_t since, received, waiting, now = 0
         cdef int i
         cdef bint slow = False
+        cdef int free_workers = 0
+        cdef bint pool_kept = False     # a full pool kept what waits for it
         cdef Slot *s
         self.any_stuck = False
         self.any_unread = False
         for i in range(self.nslots):
             s = &self.slots[i]
             s.stuck = False
+            s.pool_full = False
             if s.page == NULL:
                 continue
             if s.congested and waiting_in_channel(s.page) < s.congested_at:
@@ -1152,6 +1171,7 @@ cdef class Dispatcher:
                     s.stuck = True
                     if now - since > SLOW_REQUEST_MICROSECONDS:
                         slow = True
+                    s.pool_full = pool_full(s.page, now - since)
             # A worker that takes nothing off its channel for as long, with
             # handoffs waiting there and room in hand for them, is as stuck
             # (frozen, swapped out): what waits goes to a worker that reads.
@@ -1196,7 +1216,9 @@ cdef class Dispatcher:
                 atomic_store_u32(&s.page.steal_gate, STEAL_OPEN)
             if s.stuck:
                 self.any_stuck = True
-                if waiting_in_channel(s.page) and self._reclaim(s) and s.not_reading:
+                if s.pool_full and not s.not_reading:
+                    pool_kept = pool_kept or waiting_in_channel(s.page) != 0
+                elif waiting_in_channel(s.page) and self._reclaim(s) and s.not_reading:
                     # A worker that was only slow to run may have found the
                     # channel readable and then, once it ran, empty: it
                     # sleeps without reading the nudge, and is given nothing
@@ -1207,6 +1229,22 @@ cdef class Dispatcher:
                     # worker frozen for good leaves it unread; a later
                     # take-back drops it with the handoffs and sends another.
                     send_command(s.channel, COMMAND_WAKE)
+            else:
+                free_workers += 1
+        if pool_kept and free_workers:
+            # What waits for a full pool goes to a worker that can start it
+            # now.  With every worker busy it stays: taken back, it would go
+            # to the first pool with a free thread, no sooner than its own,
+            # and back again when that one filled.  Measured with 4 workers
+            # of 4 threads on 2 CPUs, every request waiting 5 ms: each
+            # connection was handed twice, at 27-32 µs of the primary's CPU
+            # per request; now 1.4 times, at 25-27 µs, and p99 45-46 ms
+            # against 47-51 (bench/RESULTS.md, "A WSGI pool").
+            for i in range(self.nslots):
+                s = &self.slots[i]
+                if (s.pool_full and not s.not_reading and s.page != NULL
+                        and waiting_in_channel(s.page)):
+                    self._reclaim(s)
         if self.slow_depth != self.full_depth:
             self._adapt_depth(slow)
         return 0
@@ -1906,9 +1944,12 @@ cdef class WorkerChannel:
         """
         self.busy_held = held
         if held:
+            # The pool's mark first: whoever sees the stamp sees whose it is.
+            atomic_store_u32(&self.page.busy_pool, 1)
             atomic_store_u32(&self.page.busy_since, clock_us())
         else:
             self._end()
+            atomic_store_u32(&self.page.busy_pool, 0)
 
     def stamped(self, coro):
         """`coro`, driven step by step with begin() and end() around each step.
@@ -2063,7 +2104,9 @@ cdef class WorkerChannel:
         The rest stays in the sibling's channel for the next look.
         """
         cdef uint32_t limit = atomic_load_u32(&self.page.hand_limit)
-        if self._at_a_limit():
+        if self._at_a_limit() or self.busy_held:
+            # Nor while every thread of its pool is busy: it could start
+            # none of what it took, any sooner than the sibling.
             return 0
         if limit == 0:
             return 0xFFFFFFFF

@@ -700,6 +700,47 @@ def test_a_stuck_worker_gives_back_what_it_holds_in_its_channel(rig):
     stuck.end()
 
 
+def test_what_waits_for_a_full_thread_pool_moves_only_to_a_worker_that_can_start_it(rig):
+    # A WSGI worker with every thread busy is handed nothing new.  What waits
+    # in its channel goes to a worker with a thread free; with every pool
+    # full it stays, to start once a thread of its own is free: taken back,
+    # it would go to the first pool with one, no sooner, and back again.
+    for _ in range(5):
+        r = rig(queue_depth=1)
+        pool = r.attach(0)
+        other = r.attach(1)
+        clients = r.connect(4)
+        hand_out(r, 4)
+        [reached] = pool.receive(within_hand=True)[0]
+        pool.dequeue()
+        [own] = other.receive(within_hand=True)[0]
+        other.dequeue()                     # room in hand; one waits in each channel
+        pool.hold_busy(True)
+        other.hold_busy(True)
+        filled = time.monotonic()
+        while time.monotonic() - filled < 0.002:
+            pass                # full past STUCK_MICROSECONDS; wait_until's polls are coarser
+        r.dispatcher.run(0)
+        kept = r.dispatcher.reclaimed == 0
+        # Its own pool full, a worker takes nothing from a sibling's channel.
+        took = other.could_steal()
+        if time.monotonic() - filled < 0.012:
+            break
+        # This process waited for a CPU as long as slow work takes: the pools
+        # may rightly read as slow.  Again, on a fresh rig.
+    assert kept and not took
+    other.hold_busy(False)                  # a thread of its own is free
+    [second] = other.receive(within_hand=True)[0]
+    other.dequeue()
+    wait_until(lambda: r.dispatcher.run(0) is not None and r.dispatcher.reclaimed == 1,
+               message="what waits for the full pool taken back for the free one")
+    moved = other.receive(within_hand=True)[0]
+    assert len(moved) == 1 and r.dispatcher.redispatched == 1
+    pool.hold_busy(False)
+    assert pool.receive()[0] == []
+    assert sorted(peers_of([reached, own, second] + moved)) == sorted(addresses(clients))
+
+
 def test_a_worker_that_reads_nothing_gives_back_what_waits_in_its_channel(rig):
     # Frozen (SIGSTOP, swapped out) with room in hand: it is not in a
     # request, so only its untouched channel tells.

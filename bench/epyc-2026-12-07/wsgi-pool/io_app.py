@@ -1,8 +1,11 @@
-"""A WSGI app that waits 5 ms on every request, as for a database: its pool fills, and moves."""
+"""A WSGI app that waits as for a database: 5 ms on /, N ms on /slow?ms=N."""
 import time
 
 
 def app(environ, start_response):
-    time.sleep(0.005)
+    wait = 0.005
+    if environ["PATH_INFO"] == "/slow":
+        wait = int(environ["QUERY_STRING"].partition("=")[2]) / 1000
+    time.sleep(wait)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"done"]
