@@ -1238,7 +1238,7 @@ cdef class Dispatcher:
             # and back again when that one filled.  Measured with 4 workers
             # of 4 threads on 2 CPUs, every request waiting 5 ms: each
             # connection was handed twice, at 27-32 µs of the primary's CPU
-            # per request; now 1.4 times, at 25-27 µs, and p99 45-46 ms
+            # per request; now 1.2-1.4 times, at 22-25 µs, and p99 45 ms
             # against 47-51 (bench/RESULTS.md, "A WSGI pool").
             for i in range(self.nslots):
                 s = &self.slots[i]
