@@ -1134,7 +1134,8 @@ cdef class Dispatcher:
         A worker that has been in one request for a while is busy with slow
         work, and whatever it is handed waits for that: _pick gives it nothing
         (it nudges when it leaves the request, see WorkerChannel.end), what
-        waits in its channel is taken back for the others, and meanwhile the
+        waits in its channel is taken back for the others (a full thread
+        pool's only while another worker is free: pool_full), and meanwhile the
         others may queue more, so that they take the load in fewer, bigger
         batches.  Looked at once per batch of picks, not per connection:
         within one wake-up it does not change in a way that matters.
