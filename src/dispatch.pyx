@@ -209,8 +209,6 @@ cdef struct LoadPage:
     uint32_t nudge      # set by the primary, cleared by the worker
     uint32_t busy_since  # microsecond clock (wrapping) when the worker entered
                          # a request's callbacks; 0 when it is between them
-    uint32_t busy_pool  # busy_since is a full thread pool's (hold_busy),
-                        # not one request's: see pool_full
     uint32_t received   # fds the worker took off its channel (wrapping)
     uint32_t fd_room    # connections the worker has descriptors for; 0: unknown
     uint32_t hand_limit  # --queue-depth, written by the primary: connections
@@ -233,6 +231,8 @@ cdef struct LoadPage:
     uint64_t durations[DURATION_BUCKETS]  # requests answered, by how long
                                           # they took (see observe())
     uint64_t duration_sum_us  # the sum of those durations
+    uint32_t busy_pool  # busy_since is a full thread pool's (hold_busy),
+                        # not one request's: see pool_full
 
 
 cpdef enum WorkerState:     # a worker's state, as it reports it
@@ -1230,7 +1230,9 @@ cdef class Dispatcher:
                     # worker frozen for good leaves it unread; a later
                     # take-back drops it with the handoffs and sends another.
                     send_command(s.channel, COMMAND_WAKE)
-            else:
+            elif not s.congested and not atomic_load_u32(&s.page.busy_pool):
+                # A pool that filled under STUCK_MICROSECONDS ago is not stuck
+                # yet, but it is no freer than the one it would take from.
                 free_workers += 1
         if pool_kept and free_workers:
             # What waits for a full pool goes to a worker that can start it
@@ -1239,7 +1241,7 @@ cdef class Dispatcher:
             # and back again when that one filled.  Measured with 4 workers
             # of 4 threads on 2 CPUs, every request waiting 5 ms: each
             # connection was handed twice, at 27-32 µs of the primary's CPU
-            # per request; now 1.2-1.4 times, at 22-25 µs, and p99 45 ms
+            # per request; now 1.1-1.2 times, at 22-24 µs, and p99 45 ms
             # against 47-51 (bench/RESULTS.md, "A WSGI pool").
             for i in range(self.nslots):
                 s = &self.slots[i]
@@ -1277,6 +1279,12 @@ cdef class Dispatcher:
             return 0    # the usual case: no clock read
         now = monotonic()
         if slow:
+            if self.slow_since and now - self.slow_seen_at >= SLOW_MEMORY_SECONDS:
+                # The last spell ended a second after its last sighting,
+                # though no handoff came since to switch the depth back.
+                self.slow_seconds_total += self._slow_spell_end(now) - self.slow_since
+                self.slow_spells_total += 1
+                self.slow_since = now
             self.slow_seen_at = now
         depth = (self.slow_depth if self.slow_seen_at != 0
                  and now - self.slow_seen_at < SLOW_MEMORY_SECONDS else self.full_depth)

@@ -629,6 +629,36 @@ def test_the_depth_is_the_slow_one_while_a_request_is_slow(rig):
     peers_of(held)
 
 
+def test_a_slow_request_after_a_quiet_second_starts_a_new_spell(rig):
+    # No handoff came to switch the depth back after the first spell's
+    # second: it ended then all the same, and the next slow request starts
+    # another.
+    r = rig(queue_depth=4, slow_queue_depth=2)
+    slow = r.attach(0)
+    free = r.attach(1)
+    slow.begin()
+    entered = time.monotonic()
+    wait_until(lambda: time.monotonic() - entered > 0.016, message="16 ms in one request")
+    started = time.monotonic()
+    r.connect(2)
+    hand_out(r, 2)
+    held = free.receive(within_hand=True)[0]
+    assert r.dispatcher.slow_spells == 1
+    slow.end()
+    ended = time.monotonic()
+    wait_until(lambda: time.monotonic() - ended > 1.0, message="a quiet second")
+    slow.begin()
+    entered = time.monotonic()
+    wait_until(lambda: time.monotonic() - entered > 0.016, message="16 ms in one request")
+    r.connect(2)
+    hand_out(r, 4)
+    assert r.dispatcher.queue_depth == 2 and r.dispatcher.slow_spells == 2
+    # The first spell's second, and the new one's few milliseconds so far.
+    assert 1.0 <= r.dispatcher.slow_seconds < time.monotonic() - started
+    slow.end()
+    peers_of(held)
+
+
 def test_one_depth_stays_with_a_slow_request(rig):
     # --queue-depth given: it is the depth whatever the requests take.
     r = rig(queue_depth=4)
@@ -716,10 +746,10 @@ def test_what_waits_for_a_full_thread_pool_moves_only_to_a_worker_that_can_start
         [own] = other.receive(within_hand=True)[0]
         other.dequeue()                     # room in hand; one waits in each channel
         pool.hold_busy(True)
-        other.hold_busy(True)
         filled = time.monotonic()
         while time.monotonic() - filled < 0.002:
             pass                # full past STUCK_MICROSECONDS; wait_until's polls are coarser
+        other.hold_busy(True)   # just full: not stuck yet, and no freer
         r.dispatcher.run(0)
         kept = r.dispatcher.reclaimed == 0
         # Its own pool full, a worker takes nothing from a sibling's channel.

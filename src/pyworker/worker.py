@@ -229,7 +229,7 @@ class Worker:
         self.observe = self.channel.observe
         self.observe_since_begin = self.channel.observe_since_begin
         if self.wsgi_app is not None:
-            self.wsgi_app.watch_load(self.channel.hold_busy)
+            self.wsgi_app.watch_load(self.pool_full)
         os.close(spec.load_fd)   # mapped; the fd itself is not needed
         self.loop = loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -566,6 +566,21 @@ class Worker:
             # What waits for a sibling stuck in a slow request would wait
             # for all of it, and what waits for a busy one need not wait
             # while this one sleeps: serve it here (WorkerChannel.steal).
+            self.steal_due = True
+            self.loop.call_soon(self.steal_from_siblings)
+
+    def pool_full(self, full: bool) -> None:
+        """Every thread of the WSGI pool is busy, or one is free again.
+
+        Full, the worker reads as busy and takes nothing from its siblings
+        (WorkerChannel.hold_busy).  Free again, it looks at once at what
+        waits for them, as it does after each connection it reaches: the
+        primary may see the free thread only a millisecond or two later.
+        """
+        channel = self.channel
+        channel.hold_busy(full)
+        if (not full and not self.steal_due and not self.draining
+                and channel.fileno() >= 0 and channel.could_steal()):
             self.steal_due = True
             self.loop.call_soon(self.steal_from_siblings)
 
