@@ -1275,28 +1275,23 @@ cdef class Dispatcher:
         cdef double now
         cdef uint32_t depth
         cdef int i
-        if not slow and self.queue_depth == self.full_depth:
+        if not slow and not self.slow_since:
             return 0    # the usual case: no clock read
         now = monotonic()
+        if self.slow_since and now - self.slow_seen_at >= SLOW_MEMORY_SECONDS:
+            # The spell ended a second after its last sighting, whether or
+            # not a handoff came since to see it end.
+            self.slow_seconds_total += self._slow_spell_end(now) - self.slow_since
+            self.slow_since = 0
         if slow:
-            if self.slow_since and now - self.slow_seen_at >= SLOW_MEMORY_SECONDS:
-                # The last spell ended a second after its last sighting,
-                # though no handoff came since to switch the depth back.
-                self.slow_seconds_total += self._slow_spell_end(now) - self.slow_since
-                self.slow_spells_total += 1
-                self.slow_since = now
             self.slow_seen_at = now
-        depth = (self.slow_depth if self.slow_seen_at != 0
-                 and now - self.slow_seen_at < SLOW_MEMORY_SECONDS else self.full_depth)
+            if not self.slow_since:
+                self.slow_since = now
+                self.slow_spells_total += 1
+        depth = self.slow_depth if self.slow_since else self.full_depth
         if depth == self.queue_depth:
             return 0
         self.queue_depth = depth
-        if depth == self.slow_depth:
-            self.slow_spells_total += 1
-            self.slow_since = now
-        else:
-            self.slow_seconds_total += self._slow_spell_end(now) - self.slow_since
-            self.slow_since = 0
         for i in range(self.nslots):
             if self.slots[i].page != NULL:
                 self._write_depth(self.slots[i].page)

@@ -562,10 +562,17 @@ class Worker:
             # callback that made room (a response being written) is done.
             self.pull_due = True
             self.loop.call_soon(self.on_channel_readable)
-        if not self.steal_due and not self.draining and channel.could_steal():
-            # What waits for a sibling stuck in a slow request would wait
-            # for all of it, and what waits for a busy one need not wait
-            # while this one sleeps: serve it here (WorkerChannel.steal).
+        self.look_at_siblings()
+
+    def look_at_siblings(self) -> None:
+        """Take what waits for a sibling, soon, if there is anything to take.
+
+        What waits for a sibling stuck in a slow request would wait for all
+        of it, and what waits for a busy one need not wait while this one
+        sleeps: serve it here (WorkerChannel.steal).
+        """
+        if (not self.steal_due and not self.draining and self.channel.fileno() >= 0
+                and self.channel.could_steal()):
             self.steal_due = True
             self.loop.call_soon(self.steal_from_siblings)
 
@@ -577,12 +584,9 @@ class Worker:
         waits for them, as it does after each connection it reaches: the
         primary may see the free thread only a millisecond or two later.
         """
-        channel = self.channel
-        channel.hold_busy(full)
-        if (not full and not self.steal_due and not self.draining
-                and channel.fileno() >= 0 and channel.could_steal()):
-            self.steal_due = True
-            self.loop.call_soon(self.steal_from_siblings)
+        self.channel.hold_busy(full)
+        if not full:
+            self.look_at_siblings()
 
     def steal_from_siblings(self) -> None:
         self.steal_due = False
