@@ -125,6 +125,10 @@ def test_killing_the_primary_leaves_no_worker(start_server, mode):
     os.kill(server.pid, signal.SIGKILL)
     wait_until(lambda: not any(alive(pid) for pid in workers),
                message="workers to exit after the primary died")
+    wait_until(server.output_ended, message="the workers' last lines")
+    assert len(server.find(r"the primary is gone; finishing up")) == len(workers)
+    # They finish up quietly: no traceback, no "cannot start".
+    assert "Traceback" not in server.log and "cannot start" not in server.log
 
 
 def test_idle_keep_alive_connections_time_out(start_server):

@@ -66,7 +66,12 @@ EXIT_FLUSH_SECONDS = 2.0
 
 
 def flush_reports(channel: WorkerChannel, timeout: float) -> bool:
-    """Send what waits on `channel`, waiting up to `timeout` s for room; True once sent."""
+    """Send what waits on `channel`, waiting up to `timeout` s for room; True once sent.
+
+    A channel already closed (the primary is gone) has nobody left to tell.
+    """
+    if channel.fileno() < 0:
+        return True
     deadline = time.monotonic() + timeout
     poller = select.poll()
     poller.register(channel.fileno(), select.POLLOUT)

@@ -56,6 +56,10 @@ class ServerProcess:
             with self._lock:
                 self.lines.append(line.rstrip("\n"))
 
+    def output_ended(self) -> bool:
+        """Every process that could write to the log (workers too) has closed it."""
+        return not self._reader.is_alive()
+
     @property
     def log(self) -> str:
         with self._lock:
