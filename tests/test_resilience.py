@@ -452,18 +452,21 @@ def test_a_worker_stuck_at_exit_is_killed_after_the_graceful_timeout(start_serve
 
 
 @pytest.mark.parametrize("mode", ["dispatch", "reuseport", "shared"])
-def test_a_worker_stuck_at_exit_on_its_own_is_killed_and_replaced(start_server, mode):
+def test_a_worker_stuck_at_exit_on_its_own_is_killed_after_the_graceful_timeout(
+        start_server, mode):
     # Its loop ends (SIGQUIT) and closes its channel, but the process hangs
-    # on: silent from then on, it is the watchdog's, in every mode.
-    # The replacement hangs at exit too: the stop that ends the test kills
-    # it after the graceful timeout.
+    # on.  It said it was leaving: its successor starts at once, and it is
+    # killed after the grace period, the watchdog off (--timeout 0).  The
+    # replacement hangs at exit too: the stop that ends the test kills it.
     server = start_server("hangs_at_exit:app", "--app-dir", APPS, "--mode", mode,
-                          "--timeout", "2", "--graceful-timeout", "1", workers=1)
+                          "--timeout", "0", "--graceful-timeout", "1", workers=1)
     [old] = server.started_workers()
     os.kill(old, signal.SIGQUIT)
-    server.wait_for_log(rf"Worker {old} has not answered for")
-    server.wait_for_log(rf"Worker {old} exited")
-    wait_until(lambda: len(server.started_workers()) == 2, message="a replacement")
+    server.wait_for_log(rf"Worker {old} is finishing its connections; starting its successor")
+    wait_until(lambda: new_workers(server, {old}), message="a successor")
+    server.wait_for_log(rf"Worker {old} did not exit within --graceful-timeout 1 s; "
+                        r"killing it")
+    server.wait_for_log(rf"Worker {old} exited \(signal SIGKILL\)")
     assert get(server.host, server.port).body == b"still here"
     assert alive(server.pid)
 

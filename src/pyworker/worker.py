@@ -294,6 +294,12 @@ class Worker:
         finally:
             if self.wsgi_app is not None:
                 self.wsgi_app.stop()
+            if not self.draining:
+                # Leaving without a drain (SIGQUIT, or an error out of the
+                # loop): said now, the primary starts a successor at once and
+                # kills this process if it is still here after
+                # --graceful-timeout (stuck at exit), --timeout or not.
+                self.channel.report(WorkerState.WORKER_DRAINING)
             # A last report (connections lost for want of descriptors, the
             # state) must not be dropped because the primary's socket is
             # full for a moment.
