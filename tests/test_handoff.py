@@ -28,7 +28,7 @@ import uvloop
 from cydispatch._dispatch import (
     Dispatcher, Event, HandedSocket, WorkerChannel, WorkerState, send_fds, step_adoption)
 from pyworker import adoption
-from pyworker.worker import load_direct_adoption
+from pyworker.worker import Worker, load_direct_adoption
 from waiting import wait_until, wait_until_async
 
 
@@ -269,6 +269,34 @@ def test_an_exiting_worker_waits_for_room_to_send_its_last_report():
     finally:
         worker.close()
         primary.close()
+
+
+
+def test_a_worker_sends_a_report_that_found_the_socket_full_once_there_is_room():
+    # The worker's own retry, on its real loop: nobody asks again, and a
+    # healthy worker must not look silent to the watchdog meanwhile.
+    loop = uvloop.new_event_loop()
+    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel = WorkerChannel(worker_end.detach())
+    worker = Worker.__new__(Worker)     # what reporting needs: no app, no primary
+    worker.channel, worker.loop, worker.report_retrying = channel, loop, False
+    try:
+        sent = fill_with_heartbeats(channel)
+        worker.report(WorkerState.WORKER_DRAINING)
+        assert channel.backlogged and worker.report_retrying
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert channel.backlogged               # still no room: still waiting
+        for _ in range(sent):
+            primary.recv(64)                    # the primary reads again
+        loop.run_until_complete(wait_until_async(
+            lambda: not channel.backlogged, message="the report sent by the loop"))
+        assert not worker.report_retrying
+        last = primary.recv(64)
+        assert int.from_bytes(last[:4], sys.byteorder) == WorkerState.WORKER_DRAINING
+    finally:
+        channel.close()
+        primary.close()
+        loop.close()
 
 
 # Nothing lost: workers that die, stall, run out of descriptors
