@@ -355,9 +355,39 @@ def test_soak_reloads_every_slice_and_reports_no_errors_and_flat_descriptors(tmp
     # nothing is left over after it.
     lowest = [min(s["primary_fds"] for s in minute) for minute in soak.by_minute(results)]
     assert lowest[0] == lowest[-1], lowest
+    assert summary["primary_fds_lowest_by_minute"] == lowest
+    assert summary["ok"], summary
     assert all(s["workers"] >= 2 for s in results["samples"])
     table = (tmp_path / "soak.md").read_text()
     assert "| 1 |" in table and "| 2 |" in table and "0 errors" in table
+
+
+
+def soak_results(primary_fds, worker_rss_kb, errors=0, reloads=3) -> dict:
+    """Three 60-s minutes, one sample each, with these figures per minute."""
+    return {
+        "minutes": 3, "slice_seconds": 60, "reloads_completed": reloads,
+        "connections": 64, "workers": 2, "app": [],
+        "slices": [{"minute": m + 1, "wrk": {"requests": 1000, "errors": errors if m == 1 else 0}}
+                   for m in range(3)],
+        "samples": [{"t": 30 + 60 * m, "primary_rss_kb": 22_000, "primary_fds": fds,
+                     "workers": 2, "worker_rss_kb": [rss, rss], "worker_fds": [16, 16]}
+                    for m, (fds, rss) in enumerate(zip(primary_fds, worker_rss_kb))],
+    }
+
+
+@pytest.mark.parametrize("results, ok", [
+    (soak_results([16, 16, 16], [25_000, 25_100, 25_000]), True),
+    (soak_results([16, 17, 18], [25_000, 25_000, 25_000]), False),   # a descriptor a minute
+    (soak_results([16, 16, 16], [25_000, 26_500, 28_000]), False),   # each new worker larger
+    (soak_results([16, 16, 16], [25_000, 25_000, 25_000], errors=1), False),
+    (soak_results([16, 16, 16], [25_000, 25_000, 25_000], reloads=2), False),
+], ids=["flat", "descriptors-grow", "workers-grow", "an-error", "a-reload-missing"])
+def test_the_soak_s_verdict_fails_on_anything_that_grows_or_fails(results, ok):
+    summary = soak.summarize(results)
+    assert summary["ok"] is ok, summary
+    results["summary"] = summary
+    assert ("NOT OK" in soak.markdown(results)) is not ok
 
 
 REQUEST_INSTRUCTIONS = Path(__file__).parent.parent / "bench" / "request_instructions.py"

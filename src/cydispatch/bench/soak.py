@@ -138,22 +138,39 @@ def by_minute(results: dict) -> list[list[dict]]:
 
 
 def summarize(results: dict) -> dict:
+    """Totals, and the verdict: no error, every reload done, nothing that grows.
+
+    The primary lives through the whole soak, so it is what could leak: its
+    memory and its descriptors (its lowest count in each minute: a
+    successor's channel comes and goes during each reload).  Workers are
+    replaced every minute; their memory from one minute to the next says
+    whether what each new one starts with grows.
+    """
     minutes = [m for m in by_minute(results) if m]
     first, last = minutes[0], minutes[-1]
 
     def median(samples: list[dict], key: str) -> float:
         return statistics.median(s[key] for s in samples)
 
+    def worker_median(samples: list[dict]) -> float:
+        return statistics.median(kb for s in samples for kb in s["worker_rss_kb"])
+
     rss_first, rss_last = median(first, "primary_rss_kb"), median(last, "primary_rss_kb")
+    rss_growth = rss_last / rss_first - 1
+    worker_growth = worker_median(last) / worker_median(first) - 1
     fds = [s["primary_fds"] for s in results["samples"]]
+    lowest_fds = [min(s["primary_fds"] for s in minute) for minute in minutes]
     errors = sum(s["wrk"]["errors"] for s in results["slices"])
     return {
         "requests": sum(s["wrk"]["requests"] for s in results["slices"]),
         "errors": errors,
-        "primary_rss_growth": round(rss_last / rss_first - 1, 4),
+        "primary_rss_growth": round(rss_growth, 4),
+        "worker_rss_growth": round(worker_growth, 4),
         "primary_fds_min_max": [min(fds), max(fds)],
-        "ok": (errors == 0 and rss_last / rss_first - 1 < RSS_GROWTH_LIMIT
-               and results["reloads_completed"] == results["minutes"]),
+        "primary_fds_lowest_by_minute": lowest_fds,
+        "ok": (errors == 0 and results["reloads_completed"] == results["minutes"]
+               and rss_growth < RSS_GROWTH_LIMIT and worker_growth < RSS_GROWTH_LIMIT
+               and max(lowest_fds) <= lowest_fds[0]),
     }
 
 
@@ -181,8 +198,11 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         f"Total: {summary['requests']:,} requests, {summary['errors']} errors; primary RSS "
-        f"growth {summary['primary_rss_growth']:+.1%} (first minute's median to the last's); "
-        f"primary fds {summary['primary_fds_min_max'][0]}-{summary['primary_fds_min_max'][1]}."
+        f"growth {summary['primary_rss_growth']:+.1%}, workers' "
+        f"{summary['worker_rss_growth']:+.1%} (first minute's median to the last's); "
+        f"primary fds {summary['primary_fds_min_max'][0]}-{summary['primary_fds_min_max'][1]}, "
+        f"their lowest in each minute "
+        f"{'-'.join(map(str, sorted(set(summary['primary_fds_lowest_by_minute']))))}."
         f" {'OK' if summary['ok'] else 'NOT OK'}.",
     ]
     return "\n".join(lines) + "\n"
