@@ -270,6 +270,45 @@ def test_the_primary_waits_for_a_hung_worker_to_die_without_spinning(start_serve
     assert cpu_seconds(server.pid) - before < 0.5
 
 
+
+def test_a_worker_killed_by_a_real_time_signal_is_replaced(start_server):
+    # signal.Signals has no name for SIGRTMIN+n: describing such an exit
+    # once took the primary, and every worker with it, down.
+    server = start_server()
+    victim = next(iter(server.started_workers()))
+    os.kill(victim, signal.SIGRTMIN + 1)
+    server.wait_for_log(rf"Worker {victim} died \(signal {int(signal.SIGRTMIN) + 1}\)")
+    wait_until(lambda: len(server.started_workers()) == 3, message="a replacement")
+    assert alive(server.pid)
+    assert get(server.host, server.port).status == 200
+
+
+def test_a_stop_does_not_spin_on_a_retired_worker_past_its_exit_time(start_server):
+    # Replaced by a reload, the old worker hangs at exit; a stop comes before
+    # the time it is to be killed by (--graceful-timeout + 2 s after the
+    # reload), and lasts past it.  The stop's own deadline kills it; until
+    # then the primary has nothing to do.
+    server = start_server("hangs_at_exit:app", "--app-dir", APPS,
+                          "--graceful-timeout", "5", workers=1)
+    [old] = server.started_workers()
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"Reload complete")
+    time.sleep(2)       # the stop's deadline falls 2 s after the old one's
+    assert alive(old)
+    before = cpu_seconds(server.pid)
+    server.proc.send_signal(signal.SIGTERM)
+    used = 0.0
+    deadline = time.monotonic() + DEADLINE
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            used = cpu_seconds(server.pid) - before     # a zombie's too
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    assert server.proc.poll() is not None, "the stop to end"
+    assert not alive(old)
+    assert used < 0.5, f"the primary used {used:.2f} s of CPU while it waited"
+
 def test_a_stall_of_the_whole_machine_kills_no_worker(start_server):
     # A virtual machine descheduled by its host, or a laptop resumed from
     # sleep: every process stops at once and resumes at once.  The primary

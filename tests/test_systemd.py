@@ -132,6 +132,23 @@ def test_ready_reloading_and_stopping_are_notified(start_server, notify):
     assert server.proc.wait(30) == 0
 
 
+
+def test_a_reload_whose_workers_cannot_start_still_ends_with_ready(start_server, notify,
+                                                                    tmp_path):
+    # systemd waits for READY=1 after RELOADING=1: without it the unit stays
+    # "reloading" and `systemctl reload` fails at its timeout.
+    from test_resilience import broken_uvloop
+    server = start_server(env={"NOTIFY_SOCKET": notify.path,
+                               **broken_uvloop(tmp_path, later=True)})
+    notify.wait_for("READY", "1")
+    (tmp_path / "broken").touch()   # from now on, new workers fail to start
+    server.proc.send_signal(signal.SIGHUP)
+    notify.wait_for("RELOADING", "1")
+    ready = notify.wait_for("READY", "1")
+    assert "the reload failed" in ready["STATUS"]
+    server.wait_for_log(r"Replacement workers die before they are ready")
+
+
 def test_watchdog_pings_at_half_the_interval(start_server, notify):
     start_server(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"})
     notify.wait_for("READY", "1")

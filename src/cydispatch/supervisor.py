@@ -61,7 +61,11 @@ LOAD_PAGE_SIZE = 4096
 def describe_exit(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
-        return f"signal {signal.Signals(-code).name}"
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            # Real-time signals (SIGRTMIN+n) have no name in signal.Signals.
+            return f"signal {-code}"
     return f"exit code {code}"
 
 
@@ -247,7 +251,11 @@ class Arbiter:
         # primary spin.
         due += [w.silent_at + WATCHDOG_CONFIRM for w in self.workers.values()
                 if w.silent_at and not (w.killed or w.kill_at)]
-        due += [w.exit_by for w in self.workers.values() if w.exit_by]
+        if not self.stopping:
+            # watch_workers acts on it only then; during a stop the stop's
+            # own deadline kills what is left, and a past exit_by would
+            # make the primary spin until it.
+            due += [w.exit_by for w in self.workers.values() if w.exit_by]
         if self.notifier.ping_at is not None:
             due.append(self.notifier.ping_at)
         return max(0.0, min(due) - now)
@@ -513,6 +521,12 @@ class Arbiter:
             log.error("Replacement workers die before they are ready (%d times "
                       "in a row): replacing stops here, the running workers "
                       "keep serving", MAX_BOOT_FAILURES)
+            # A reload that systemd was told of ends here too: it waits for
+            # READY=1 after RELOADING=1 (sd_notify(3)), else the unit stays
+            # "reloading" and `systemctl reload` fails at its timeout.
+            self.notifier.ready(f"Serving {self.address} with {len(self.slots)} "
+                                "workers (the reload failed: replacements died "
+                                "before they were ready)")
             return
         log.warning("A replacement for worker %d died before it was ready; "
                     "trying again in %.1f s", slot.worker.pid if slot.worker else 0,
