@@ -133,6 +133,29 @@ def test_a_reload_that_cannot_start_new_workers_keeps_the_old_ones(start_server,
     assert not server.find("Reload complete")
 
 
+def test_a_reload_during_a_reload_leaves_no_worker_from_before_the_second(
+        start_server, tmp_path):
+    # The first reload's successor is inside its app's startup (it imported
+    # the code of then) when the second SIGHUP comes: it serves, then it is
+    # replaced in turn, and the reload completes only after that.
+    events, gate = tmp_path / "events", tmp_path / "gate"
+    gate.touch()
+    server = start_server("--app-dir", APPS, "slow_startup:app", workers=1,
+                          env={"STARTUP_GATE": str(gate), "STARTUP_EVENTS": str(events)})
+    gate.unlink()
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: events.read_text().count("waiting") == 2,
+               message="the first reload's successor inside its startup")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"Reloading: replacing", count=2)
+    gate.touch()
+    server.wait_for_log(r"Reload complete")
+    started = [int(line.split()[1]) for line in events.read_text().splitlines()]
+    assert len(started) == 3, "the early successor was replaced too"
+    assert int(get(server.host, server.port).body) == started[-1]
+    assert len(server.find(r"Reload complete")) == 1
+
+
 # Graceful stop under load
 
 @pytest.mark.parametrize("mode", ["dispatch", "shared", "reuseport"])

@@ -174,6 +174,31 @@ def test_a_reload_replaces_one_slot_at_a_time_a_recycle_queued_before_it_first()
     assert [slot.restarts for slot in slots] == [1, 1, 1]
 
 
+
+def test_a_reload_during_a_reload_replaces_a_successor_that_was_already_starting():
+    # That successor may have imported the code from before the second
+    # deploy: once it serves, its slot is queued again.
+    slots = WorkerSlots(None)
+    [serving(slots, slots.add(), 100 + index) for index in range(2)]
+    first, second = list(slots)
+    slots.reload()
+    early = worker_for(first, 200, T0)
+    slots.successor_started(first, early)
+    slots.reload()                          # while `early` starts
+    assert slots.replacements == [first, second]
+    early.ready = True
+    slots.successor_ready(first)
+    assert slots.replacements == [second, first], "replaced again, after the others"
+    now = T0 + 1
+    replaced = []
+    while not slots.finish_reload():
+        replaced.append(slots.next_to_replace(now).index)
+        successor_serving(slots, slots.next_to_replace(now), 300 + len(replaced), now)
+        now += 1
+    assert replaced == [1, 0]
+    assert first.worker.pid == 302 and second.worker.pid == 301
+
+
 def test_a_recycled_slot_counts_its_restart_as_a_recycle():
     slots = WorkerSlots(None)
     slot = slots.add()

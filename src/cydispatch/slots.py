@@ -49,7 +49,7 @@ class WorkerSlot:
 
     __slots__ = ("index", "cpu", "worker", "successor", "deaths",
                  "boot_failures", "successor_failures", "start_at", "restarts",
-                 "replace_reason", "requests_done")
+                 "replace_reason", "requests_done", "replace_again")
 
     def __init__(self, index: int, cpu: int | None) -> None:
         self.index = index
@@ -63,6 +63,9 @@ class WorkerSlot:
         self.restarts = 0           # workers that replaced another here
         self.replace_reason = "reload"  # why its worker is being replaced
         self.requests_done = 0      # answered by its workers that have exited
+        # A reload came while its successor was already starting: that one
+        # may have loaded the code from before, so it is replaced in turn.
+        self.replace_again = False
 
 
 def backoff(failures: int) -> float:
@@ -179,6 +182,9 @@ class WorkerSlots:
         slot.worker, slot.successor = slot.successor, None
         if slot in self.replacements:
             self.replacements.remove(slot)
+        if slot.replace_again:
+            slot.replace_again = False
+            self.replacements.append(slot)
 
     def vacate(self, slot: WorkerSlot) -> bool:
         """The slot's worker is gone or going; True if a successor took its place."""
@@ -224,6 +230,8 @@ class WorkerSlots:
         for slot in self._slots:
             slot.successor_failures = 0
             slot.replace_reason = "reload"
+            if slot.successor is not None:
+                slot.replace_again = True
             if slot not in self.replacements:
                 self.replacements.append(slot)
 
@@ -267,6 +275,7 @@ class WorkerSlots:
         a reload is over, the running workers keep serving.
         """
         slot.successor = None
+        slot.replace_again = False      # the next one starts from the code of now
         slot.successor_failures += 1
         if slot.successor_failures >= MAX_BOOT_FAILURES:
             slot.successor_failures = 0
@@ -280,3 +289,5 @@ class WorkerSlots:
     def clear_replacements(self) -> None:
         """Nothing more is replaced: the server is stopping."""
         self.replacements.clear()
+        for slot in self._slots:
+            slot.replace_again = False
