@@ -91,6 +91,10 @@ def test_host_that_is_not_ours():
     (["--policy", "random"], "argument --policy: invalid choice: 'random'"),
     (["--graceful-timeout", "-1"], "must not be negative"),
     (["--max-conns", "0"], "must be at least 1"),
+    # Past what the kernel or the primary's 32-bit counters take: no traceback.
+    (["--max-conns", "5000000000"], "argument --max-conns: must be at most 2,147,483,647"),
+    (["--backlog", "3000000000"], "argument --backlog: must be at most 2,147,483,647"),
+    (["--queue-depth", "5000000000"], "argument --queue-depth: must be at most 4,096"),
     (["--queue-depth", "0"], "argument --queue-depth: must be at least 1, not 0, or auto"),
     (["--timeout", "1"], "argument --timeout: must be 0 (off) or at least 2 seconds"),
     (["--timeout", "soon"], "argument --timeout: 'soon' is not a number of seconds"),

@@ -31,6 +31,11 @@ ENV_PREFIX = "CYDISPATCH_"
 # Workers send a heartbeat once a second; a watchdog shorter than two beats
 # would kill workers whose loop merely ran one request of up to a second.
 MIN_TIMEOUT = 2.0
+# Ceilings, so that a number too large for the kernel or the primary's
+# 32-bit counters is a one-line error, not a traceback.
+MAX_BACKLOG = 2**31 - 1
+MAX_CONNS = 2**31 - 1
+MAX_QUEUE_DEPTH = 4096
 TRUTHY = ("1", "true", "yes", "on")
 FALSY = ("0", "false", "no", "off", "")
 
@@ -95,6 +100,15 @@ def at_least(minimum: float, unit: str = "") -> Callable[[Any], None]:
     return check
 
 
+def between(minimum: int, maximum: int, why: str) -> Callable[[Any], None]:
+    """A whole-number check with a ceiling, and the reason for the ceiling."""
+    def check(value) -> None:
+        at_least(minimum)(value)
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum:,} ({why}), not {value:,}")
+    return check
+
+
 def positive(value) -> None:
     if not value > 0:
         raise ValueError(f"must be positive, not {value:g}")
@@ -115,6 +129,9 @@ def valid_port(value: int) -> None:
 def valid_queue_depth(value: int) -> None:
     if value < 0:
         raise ValueError(f"must be auto or at least 1, not {value}")
+    if value > MAX_QUEUE_DEPTH:
+        raise ValueError(f"must be at most {MAX_QUEUE_DEPTH:,} (a worker's channel holds "
+                         f"4 times as many), not {value:,}")
 
 
 def valid_timeout(value: float) -> None:
@@ -235,11 +252,13 @@ class Settings:
         True, "pin each worker to one CPU of those this process may use")
     backlog: int = option(
         2048, "listen backlog: connections the kernel queues",
-        parse=whole_number, check=at_least(1), metavar="N")
+        parse=whole_number, check=between(1, MAX_BACKLOG, "the kernel caps it at "
+                                          "net.core.somaxconn"), metavar="N")
     max_conns: int = option(
         1024, "connections per worker in dispatch mode; when every worker is "
         "full, new ones wait in the backlog", parse=whole_number,
-        check=at_least(1), metavar="N")
+        check=between(1, MAX_CONNS, "more than a process can have "
+                      "descriptors for"), metavar="N")
     queue_depth: int = option(
         0, "connections a worker takes in hand before reaching their requests "
         "in dispatch mode (up to 4 times as many wait in its channel, the rest "
