@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from http_client import Connection, read_until_closed
+from http_client import Connection, get, read_until_closed
 from conftest import APPS, app_server, serving
 from waiting import wait_until
 
@@ -514,6 +514,44 @@ def test_a_stop_while_apps_start_lets_them_finish_starting(start_server, tmp_pat
     server.wait_for_log(r"Worker \d+ exited \(exit code 0\)", count=2)
     assert not server.find(r"Traceback|cannot start|exit code [1-9]|died"), server.log
     assert len(server.find(r"Worker \d+ exited \(exit code 0\)")) == 2
+
+
+
+def test_a_worker_quit_while_its_app_starts_says_so_and_is_killed_if_it_lingers(
+        start_server, tmp_path):
+    # SIGQUIT inside the app's startup; a thread keeps the process alive.
+    # The primary hears it leave: a successor at once, and the kill after
+    # the grace period, with the watchdog off.
+    events, gate = tmp_path / "events", tmp_path / "gate"
+    server = serve(start_server, "slow_startup:app", "--timeout", "0",
+                   "--graceful-timeout", "1", workers=1, ready=False,
+                   env={"STARTUP_GATE": str(gate), "STARTUP_EVENTS": str(events),
+                        "HANG_AT_EXIT": "1"})
+    wait_until(lambda: events.exists() and "waiting" in events.read_text(),
+               message="the worker inside its app's startup")
+    [quitter] = [int(line.split()[1]) for line in events.read_text().splitlines()]
+    os.kill(quitter, signal.SIGQUIT)
+    server.wait_for_log(rf"Worker {quitter} is finishing its connections; "
+                        r"starting its successor")
+    server.wait_for_log(rf"Worker {quitter} did not exit within --graceful-timeout 1 s; "
+                        r"killing it")
+    gate.touch()
+    server.wait_ready()
+    assert get(server.host, server.port).status == 200
+
+
+
+def test_an_app_shutdown_that_never_ends_is_abandoned_quietly(start_server):
+    # Cut off at what is left of --graceful-timeout: a warning, then exit 0;
+    # the cancellation is ours, not an error of the app's.
+    server = serve(start_server, "hangs_at_shutdown:app", "--graceful-timeout", "1",
+                   workers=1)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    server.kill()       # reads the log to its end
+    assert server.find(r"The application's shutdown did not finish within")
+    assert not server.find(r"Traceback|CancelledError|Exception in the application|"
+                           r"cannot start|exit code [1-9]"), server.log
 
 
 def test_a_stop_while_apps_start_ends_at_the_graceful_timeout(start_server, tmp_path):

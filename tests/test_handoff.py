@@ -28,6 +28,7 @@ import uvloop
 from cydispatch._dispatch import (
     Dispatcher, Event, HandedSocket, WorkerChannel, WorkerState, send_fds, step_adoption)
 from pyworker import adoption
+from cydispatch.settings import Settings
 from pyworker.worker import Worker, load_direct_adoption
 from waiting import wait_until, wait_until_async
 
@@ -296,6 +297,37 @@ def test_a_worker_sends_a_report_that_found_the_socket_full_once_there_is_room()
     finally:
         channel.close()
         primary.close()
+        loop.close()
+
+
+
+def test_a_worker_whose_primary_dies_while_a_report_waits_leaves_no_watcher_behind():
+    # The channel turns readable (its end) and writable (room at last) in
+    # one poll: the reader closes it, and the writer once ran on fd -1.
+    loop = uvloop.new_event_loop()
+    errors = []
+    loop.set_exception_handler(lambda loop, context: errors.append(context))
+    primary, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel = WorkerChannel(worker_end.detach())
+    worker = Worker.__new__(Worker)     # what the channel's end needs: no app
+    worker.__dict__.update(
+        channel=channel, loop=loop, settings=Settings(), report_retrying=False,
+        channel_watched=True, pull_due=False, nothing_follows=False, draining=False,
+        started=True, shutdown=None, loop_stop_asked=False, server=None, connections=set(),
+        handshakes=set())
+    try:
+        loop.add_reader(channel.fileno(), worker.on_channel_readable)
+        fill_with_heartbeats(channel)
+        worker.report(WorkerState.WORKER_READY)
+        assert worker.report_retrying
+        primary.close()                 # the primary dies
+        loop.call_later(30, loop.stop)  # a deadline; exit_if_done stops it first
+        loop.run_forever()
+        assert worker.nothing_follows and channel.fileno() < 0
+        assert not worker.report_retrying
+        assert errors == []
+    finally:
+        channel.close()
         loop.close()
 
 

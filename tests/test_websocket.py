@@ -123,18 +123,45 @@ def test_fastapi_websocket(start_server):
         assert json.loads(ws.recv(TIMEOUT))["echo"] == {"n": 1}
 
 
+def close_code_after_a_stop(server, ws) -> int:
+    """SIGTERM with `ws` open: the close code it gets (at --graceful-timeout)."""
+    server.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            ws.recv(TIMEOUT)
+    assert closed.value.rcvd is not None, "closed without a close frame"
+    return closed.value.rcvd.code
+
+
 def test_draining_worker_closes_websockets_with_1001(start_server):
     server = start_server("--app-dir", APPS, "--graceful-timeout", "1", "edge_asgi:app",
                           workers=1)
     with connect(url(server, "/ws"), open_timeout=TIMEOUT) as ws:
         ws.send("before")
         assert ws.recv(TIMEOUT) == "before"
-        server.proc.send_signal(signal.SIGTERM)
-        with pytest.raises(ConnectionClosed) as closed:
-            while True:
-                ws.recv(TIMEOUT)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert close_code_after_a_stop(server, ws) == 1001
     assert server.proc.wait(timeout=TIMEOUT) == 0
+
+
+def test_a_websocket_open_at_the_graceful_timeout_still_lets_the_app_shut_down(
+        start_server, tmp_path):
+    # The 1001 closes the socket as the loop stops; the app's lifespan
+    # shutdown runs after.  The close's callbacks, reaching the worker during
+    # that shutdown, once stopped the loop under it: a traceback, exit code
+    # 3, and the app's shutdown cut off.
+    events = tmp_path / "events"
+    server = start_server("--app-dir", APPS, "--graceful-timeout", "1", "fastapi_app:app",
+                          workers=1, env={"LIFESPAN_EVENTS": str(events)})
+    with connect(url(server, "/ws"), open_timeout=TIMEOUT) as ws:
+        ws.send(json.dumps("before"))
+        assert json.loads(ws.recv(TIMEOUT))["echo"] == "before"
+        assert close_code_after_a_stop(server, ws) == 1001
+    assert server.proc.wait(timeout=TIMEOUT) == 0
+    server.kill()       # reads the log to its end
+    assert [line.split()[1] for line in events.read_text().splitlines()] == [
+        "startup", "shutdown"], server.log
+    assert "Traceback" not in server.log and "cannot start" not in server.log
+    assert server.find(r"Worker \d+ exited \(exit code 0\)")
 
 
 def test_wsgi_app_answers_an_upgrade_as_plain_http(start_server):

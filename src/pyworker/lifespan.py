@@ -33,6 +33,7 @@ class Lifespan:
         self.inbox: asyncio.Queue | None = None
         self.answers: asyncio.Queue | None = None
         self.started = False    # the app answered startup
+        self.abandoned = False  # its shutdown outlasted the time it had
 
     async def startup(self) -> None:
         """Run the app's startup; raise LifespanFailed if it fails."""
@@ -57,6 +58,8 @@ class Lifespan:
         try:
             await self.app(scope, self.receive, self.send)
         except BaseException as exc:
+            if self.abandoned:
+                return      # cancelled by shutdown(), which said why
             if self.mode == "auto" and self.answers.empty() and not self.started:
                 log.info("The application does not support ASGI lifespan "
                          "(%s: %s); serving without it", type(exc).__name__, exc)
@@ -100,6 +103,7 @@ class Lifespan:
             answer = await asyncio.wait_for(self.answers.get(), timeout)
         except asyncio.TimeoutError:
             log.warning("The application's shutdown did not finish within %g s", timeout)
+            self.abandoned = True
             self.task.cancel()
             return
         if answer["type"] == "lifespan.shutdown.failed":

@@ -147,6 +147,9 @@ class Worker:
         self.recycling = False
         self.started = False    # the app's lifespan startup is done
         self.quitting = False   # SIGQUIT
+        # The app's lifespan shutdown, once the loop has stopped serving.
+        self.shutdown: asyncio.Task | None = None
+        self.loop_stop_asked = False    # see stop_loop
         self.report_retrying = False
         # The channel is read only while the worker has room in hand for
         # more connections (WorkerChannel.hand_full): its reader is removed
@@ -273,7 +276,7 @@ class Worker:
                 # The loop was stopped while the app started: SIGQUIT, or a
                 # stop that outlasted --graceful-timeout.  Nothing to finish.
                 log.info("Worker %d stopped before its app had started", os.getpid())
-                self.channel.close()
+                self.close_channel()
                 return 0
         self.started = True
         if self.draining:
@@ -288,27 +291,50 @@ class Worker:
         gc.freeze()
         try:
             loop.run_forever()
-            if self.lifespan is not None and self.draining:
-                loop.run_until_complete(self.lifespan.shutdown(
-                    max(self.drain_deadline - time.monotonic(), LIFESPAN_SHUTDOWN_MIN)))
+            if self.lifespan is not None and self.draining and not self.quitting:
+                self.shut_down_app()
         finally:
             if self.wsgi_app is not None:
                 self.wsgi_app.stop()
-            if not self.draining:
-                # Leaving without a drain (SIGQUIT, or an error out of the
-                # loop): said now, the primary starts a successor at once and
-                # kills this process if it is still here after
-                # --graceful-timeout (stuck at exit), --timeout or not.
-                self.channel.report(WorkerState.WORKER_DRAINING)
-            # A last report (connections lost for want of descriptors, the
-            # state) must not be dropped because the primary's socket is
-            # full for a moment.
-            if not flush_reports(self.channel, EXIT_FLUSH_SECONDS):
-                log.warning("Worker %d: the primary took no last report in %.0f s",
-                            os.getpid(), EXIT_FLUSH_SECONDS)
-            self.channel.close()
+            self.close_channel()
             self.messages.close()
         return 0
+
+    def shut_down_app(self) -> None:
+        """The app's lifespan shutdown, up to what is left of --graceful-timeout.
+
+        Run on the loop that served, once it stopped.  What stopped it must
+        not stop it again under the shutdown (see exit_if_done,
+        graceful_timeout_expired): the callbacks of connections closed at
+        the graceful timeout (WebSockets told 1001) run now, and a stopped
+        run_until_complete would abandon the app's shutdown with a
+        traceback.  SIGQUIT cuts it short (quit).
+        """
+        self.shutdown = self.loop.create_task(self.lifespan.shutdown(
+            max(self.drain_deadline - time.monotonic(), LIFESPAN_SHUTDOWN_MIN)))
+        try:
+            self.loop.run_until_complete(self.shutdown)
+        except asyncio.CancelledError:
+            log.warning("Worker %d: SIGQUIT; the application's shutdown is cut short",
+                        os.getpid())
+
+    def close_channel(self) -> None:
+        """The last report, then the channel closed: the primary hears this worker leave."""
+        if self.channel.fileno() < 0:
+            return      # the primary is gone
+        if not self.draining:
+            # Leaving without a drain (SIGQUIT, or an error out of the
+            # loop): said now, the primary starts a successor at once and
+            # kills this process if it is still here after
+            # --graceful-timeout (stuck at exit), --timeout or not.
+            self.channel.report(WorkerState.WORKER_DRAINING)
+        # A last report (connections lost for want of descriptors, the
+        # state) must not be dropped because the primary's socket is full
+        # for a moment.
+        if not flush_reports(self.channel, EXIT_FLUSH_SECONDS):
+            log.warning("Worker %d: the primary took no last report in %.0f s",
+                        os.getpid(), EXIT_FLUSH_SECONDS)
+        self.channel.close()
 
     def start_serving(self) -> None:
         loop = self.loop
@@ -345,6 +371,10 @@ class Worker:
             if self.channel_watched:
                 self.loop.remove_reader(self.channel.fileno())
                 self.channel_watched = False
+            if self.report_retrying:
+                # Nobody is left to report to; no watcher may outlive the fd.
+                self.loop.remove_writer(self.channel.fileno())
+                self.report_retrying = False
             self.channel.close()
             self.nothing_follows = True
             self.drain()
@@ -627,16 +657,31 @@ class Worker:
         self.exit_if_done()
 
     def exit_if_done(self) -> None:
-        # Not while the app's lifespan startup runs in run_until_complete:
-        # stopping the loop there would abandon it half-started.
+        # Not while the app's lifespan startup or shutdown runs in
+        # run_until_complete: stopping the loop there would abandon it.
         if self.draining and self.nothing_follows and self.started \
-                and self.channel.open_connections == 0:
+                and self.shutdown is None and self.channel.open_connections == 0:
+            self.stop_loop()
+
+    def stop_loop(self) -> None:
+        """Stop serving: run_forever returns.  Asked once only.
+
+        uvloop's stop() is a callback it schedules: asked twice in one turn
+        (the graceful timeout closes the last connection, whose close ends
+        the drain), the second can be left over for the next run, and stop
+        the app's shutdown under it.
+        """
+        if not self.loop_stop_asked:
+            self.loop_stop_asked = True
             self.loop.stop()
 
     def quit(self) -> None:
         """SIGQUIT: leave now, whatever is in progress."""
         self.quitting = True
-        self.loop.stop()
+        if self.shutdown is not None:
+            self.shutdown.cancel()      # the app's shutdown: run_until_complete ends
+        else:
+            self.stop_loop()
 
     def tick(self) -> None:
         self.ticks += 1
@@ -671,15 +716,15 @@ class Worker:
         self.loop.call_later(TICK_SECONDS, self.tick)
 
     def graceful_timeout_expired(self) -> None:
-        if not self.loop.is_running():
-            return
+        if not self.loop.is_running() or self.shutdown is not None:
+            return      # the loop already stopped serving
         log.warning("Worker %d: graceful timeout; closing %d connections",
                     os.getpid(), len(self.connections))
         for protocol in list(self.connections):
             going_away = getattr(protocol, "going_away", None)
             if going_away is not None:
                 going_away()    # WebSockets: a close frame with 1001
-        self.loop.stop()
+        self.stop_loop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,17 @@
 """An ASGI app whose lifespan startup waits until the file STARTUP_GATE names exists.
 
 With STARTUP_EVENTS set, each worker appends "waiting PID" to that file as it
-begins to wait.
+begins to wait.  With HANG_AT_EXIT set, a thread that never ends keeps each
+worker's process from exiting.
 """
 
 import asyncio
 import os
+import threading
 import time
+
+if os.environ.get("HANG_AT_EXIT"):
+    threading.Thread(target=threading.Event().wait, name="never-ends").start()
 
 
 async def app(scope, receive, send):
