@@ -9,7 +9,8 @@ played here step by step.  The real processes are in test_resilience.py.
 import pytest
 
 from cydispatch.slots import (
-    MAX_BOOT_FAILURES, RESPAWN_BACKOFF_CAP, RESPAWN_BACKOFF_FIRST, STABLE_SECONDS,
+    MAX_BOOT_FAILURES, RECYCLE_RETRY_SECONDS, RESPAWN_BACKOFF_CAP, RESPAWN_BACKOFF_FIRST,
+    STABLE_SECONDS,
     WorkerProcess, WorkerSlots)
 
 T0 = 1000.0     # a monotonic time; only differences count
@@ -293,6 +294,33 @@ def test_successors_that_keep_dying_end_the_reload():
     assert first.successor_failures == 0, "the next reload starts afresh"
     assert first.worker.pid == 100, "the old worker still serves"
     assert slots.restarts == {}
+
+
+
+def test_when_replacing_stops_what_max_requests_asked_for_is_tried_again_later():
+    # The worker asks once; dropped with the failed reload, a leaking
+    # worker would never be replaced.  The reload itself is not retried.
+    slots = WorkerSlots(None)
+    first, second, third = slots.add(), slots.add(), slots.add()
+    leaking = serving(slots, first, 100)
+    serving(slots, second, 101)
+    serving(slots, third, 102)
+    assert slots.recycle(leaking)
+    slots.reload()                          # the reload's reason wins, the wish stays
+    now = T0
+    while (slot := slots.next_to_replace(now)) is not None or slots.replacements:
+        if slot is None:
+            now += 1.0
+            continue
+        slots.successor_started(slot, worker_for(slot, 200, now))
+        if slots.successor_failed(slot, now) is None:
+            break
+    assert not slots.reloading
+    assert slots.replacements == [first] and first.replace_reason == "recycle"
+    assert slots.next_to_replace(now + RECYCLE_RETRY_SECONDS - 1) is None
+    assert successor_serving(slots, first, 300, now + RECYCLE_RETRY_SECONDS) is leaking
+    assert slots.replacements == [] and not first.recycle_wanted
+    assert slots.restarts == {"recycle": 1}
 
 
 def test_later_starts_are_timers_those_due_are_not():

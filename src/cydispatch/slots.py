@@ -23,6 +23,9 @@ MAX_BOOT_FAILURES = 3
 RESPAWN_BACKOFF_FIRST = 0.1
 RESPAWN_BACKOFF_CAP = 10.0
 STABLE_SECONDS = 10.0
+# When replacing stops (successors that die before ready), what --max-requests
+# asked for is still wanted: tried again this much later.
+RECYCLE_RETRY_SECONDS = 60.0
 
 
 class WorkerProcess:
@@ -49,7 +52,7 @@ class WorkerSlot:
 
     __slots__ = ("index", "cpu", "worker", "successor", "deaths",
                  "boot_failures", "successor_failures", "start_at", "restarts",
-                 "replace_reason", "requests_done", "replace_again")
+                 "replace_reason", "requests_done", "replace_again", "recycle_wanted")
 
     def __init__(self, index: int, cpu: int | None) -> None:
         self.index = index
@@ -66,6 +69,7 @@ class WorkerSlot:
         # A reload came while its successor was already starting: that one
         # may have loaded the code from before, so it is replaced in turn.
         self.replace_again = False
+        self.recycle_wanted = False     # its worker reached --max-requests
 
 
 def backoff(failures: int) -> float:
@@ -180,6 +184,7 @@ class WorkerSlots:
 
     def promote_successor(self, slot: WorkerSlot) -> None:
         slot.worker, slot.successor = slot.successor, None
+        slot.recycle_wanted = False
         if slot in self.replacements:
             self.replacements.remove(slot)
         if slot.replace_again:
@@ -241,6 +246,7 @@ class WorkerSlots:
         if worker is not slot.worker or slot in self.replacements or slot not in self._slots:
             return False
         slot.replace_reason = "recycle"
+        slot.recycle_wanted = True
         self.replacements.append(slot)
         return True
 
@@ -271,15 +277,21 @@ class WorkerSlots:
     def successor_failed(self, slot: WorkerSlot, now: float) -> float | None:
         """Its successor died (or hangs) before it was ready: the wait before the next try.
 
-        None when MAX_BOOT_FAILURES in a row end replacing: the queue empties,
-        a reload is over, the running workers keep serving.
+        None when MAX_BOOT_FAILURES in a row end replacing: a reload is over
+        (the operator sees why, and reloads again), the running workers keep
+        serving.  Only what --max-requests asked for stays queued, to be
+        tried again after RECYCLE_RETRY_SECONDS: the worker asks only once,
+        and what made successors die may pass (a database down at startup).
         """
         slot.successor = None
         slot.replace_again = False      # the next one starts from the code of now
         slot.successor_failures += 1
         if slot.successor_failures >= MAX_BOOT_FAILURES:
             slot.successor_failures = 0
-            self.replacements.clear()
+            self.replacements[:] = [s for s in self.replacements if s.recycle_wanted]
+            for kept in self.replacements:
+                kept.replace_reason = "recycle"
+                kept.start_at = max(kept.start_at, now + RECYCLE_RETRY_SECONDS)
             self.reloading = False
             return None
         delay = backoff(slot.successor_failures + 1)
@@ -290,4 +302,4 @@ class WorkerSlots:
         """Nothing more is replaced: the server is stopping."""
         self.replacements.clear()
         for slot in self._slots:
-            slot.replace_again = False
+            slot.replace_again = slot.recycle_wanted = False

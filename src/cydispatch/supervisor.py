@@ -32,7 +32,8 @@ from cydispatch._dispatch import DURATION_BOUNDS, Dispatcher, Event
 from cydispatch.listener import ListenError, bind, format_address
 from cydispatch.messages import MessageRouter
 from cydispatch.settings import Settings, auto_queue_depths, available_cpus
-from cydispatch.slots import MAX_BOOT_FAILURES, WorkerProcess, WorkerSlot, WorkerSlots
+from cydispatch.slots import (
+    MAX_BOOT_FAILURES, RECYCLE_RETRY_SECONDS, WorkerProcess, WorkerSlot, WorkerSlots)
 from cydispatch.spec import APP_LOAD_ERROR, WORKER_BOOT_ERROR, WorkerSpec
 from cydispatch.systemd import Notifier, inherited_listener
 
@@ -521,6 +522,10 @@ class Arbiter:
             log.error("Replacement workers die before they are ready (%d times "
                       "in a row): replacing stops here, the running workers "
                       "keep serving", MAX_BOOT_FAILURES)
+            if self.slots.replacements:
+                log.warning("%d workers that reached --max-requests are to be "
+                            "replaced again in %.0f s", len(self.slots.replacements),
+                            RECYCLE_RETRY_SECONDS)
             # A reload that systemd was told of ends here too: it waits for
             # READY=1 after RELOADING=1 (sd_notify(3)), else the unit stays
             # "reloading" and `systemctl reload` fails at its timeout.
