@@ -151,6 +151,27 @@ def test_a_worker_whose_threads_are_all_busy_gets_no_new_connections(start_serve
 
 
 
+def test_a_request_stuck_in_the_app_does_not_keep_an_orphaned_worker(start_server, tmp_path):
+    # The primary dies (kill -9): the worker finishes up, but Python would
+    # wait at exit for its pool thread, inside the app for ten minutes.
+    from observe import alive
+    from waiting import wait_until
+    events = tmp_path / "events"
+    server = start_server("--app-dir", APPS, "--graceful-timeout", "1", "wsgi_edge:app",
+                          workers=1, env={"APP_EVENTS": str(events)})
+    [worker] = server.started_workers()
+    with Connection(server.host, server.port) as sleeper:
+        sleeper.request("/sleep?s=600")
+        wait_until(lambda: events.exists() and "sleeping" in events.read_text(),
+                   message="the app to sleep")
+        os.kill(server.pid, signal.SIGKILL)
+        wait_until(lambda: not alive(worker), message="the orphaned worker to exit")
+    wait_until(server.output_ended, message="the worker's last lines")
+    assert server.find(rf"Worker {worker} leaves 1 WSGI threads inside the application")
+    assert "Traceback" not in server.log
+
+
+
 def test_a_full_pool_reads_as_busy_until_a_thread_is_free():
     # The primary hands nothing to a worker whose pool is full, and counts a
     # pool full for 15 ms as slow work.  Requests finishing while others wait

@@ -733,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(spec.settings.log_level)
     try:
         worker = Worker(spec)
-        return worker.run()
+        code = worker.run()
     except AppLoadError as exc:
         log.error("Worker %d cannot load the application: %s", os.getpid(), exc,
                   exc_info=exc.__cause__ if exc.user_code else None)
@@ -744,6 +744,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("Worker %d cannot start", os.getpid())
         return WORKER_BOOT_ERROR
+    stuck = worker.wsgi_app.threads_in_app if worker.wsgi_app is not None else 0
+    if stuck:
+        # Python would wait for them at exit, for as long as the app takes:
+        # forever for a request stuck there, with no primary left to kill
+        # this process.  Leave now; what they serve is cut off either way.
+        log.warning("Worker %d leaves %d WSGI threads inside the application",
+                    os.getpid(), stuck)
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

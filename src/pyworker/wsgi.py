@@ -20,6 +20,7 @@ import concurrent.futures
 import io
 import logging
 import sys
+import threading
 
 from pyworker.asgi import ClientDisconnected
 
@@ -234,6 +235,10 @@ class WsgiApp:
         self.stopping = False
         # Counted on the event loop's thread only: no lock.
         self.busy_threads = 0
+        # Counted in the pool's threads: calls into the app under way, which
+        # nothing can interrupt (see threads_in_app).
+        self.calls_in_app = 0
+        self.calls_lock = threading.Lock()
         self.saturated = None     # called with True/False as every thread is busy or not
 
     def watch_load(self, saturated) -> None:
@@ -265,6 +270,22 @@ class WsgiApp:
                     future.cancel()
                     raise ClientDisconnected("the worker is stopping") from None
 
+    def call_app(self, request: WsgiRequest) -> bytes | None:
+        """In a pool thread: the app's call, counted (threads_in_app)."""
+        with self.calls_lock:
+            self.calls_in_app += 1
+        try:
+            return request.run(self.app)
+        finally:
+            with self.calls_lock:
+                self.calls_in_app -= 1
+
+    @property
+    def threads_in_app(self) -> int:
+        """Pool threads still inside the app.  Python cannot stop them, and
+        joins them at exit: a request stuck there would keep the process."""
+        return self.calls_in_app
+
     def stop(self) -> None:
         """The loop has stopped: threads waiting on it give up; none start."""
         self.stopping = True
@@ -287,7 +308,7 @@ class WsgiApp:
         if self.busy_threads == self.threads and self.saturated is not None:
             self.saturated(True)
         try:
-            whole = await loop.run_in_executor(self.executor, request.run, self.app)
+            whole = await loop.run_in_executor(self.executor, self.call_app, request)
         finally:
             if self.busy_threads == self.threads and self.saturated is not None:
                 self.saturated(False)

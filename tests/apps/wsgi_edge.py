@@ -15,7 +15,7 @@ def app(environ, start_response):
     if path == "/sleep":
         # Blocks its pool thread, not the event loop.
         record(f"sleeping {os.getpid()}")
-        time.sleep(3)
+        time.sleep(float(parse_qs(environ["QUERY_STRING"]).get("s", ["3"])[0]))
     if path == "/client":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [f"{environ['REMOTE_ADDR']} {environ['REMOTE_PORT']}".encode()]
