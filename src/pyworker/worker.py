@@ -63,6 +63,9 @@ FD_RESERVE = 64
 # How long an exiting worker waits for room in the primary's socket to send
 # its last report: the primary reads reports at every turn of its loop.
 EXIT_FLUSH_SECONDS = 2.0
+# How long an exiting worker waits for its WSGI threads to leave the app
+# (those waiting on the loop give up within THREAD_WAIT_SLICE).
+EXIT_THREAD_WAIT = 1.0
 
 
 def flush_reports(channel: WorkerChannel, timeout: float) -> bool:
@@ -744,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.exception("Worker %d cannot start", os.getpid())
         return WORKER_BOOT_ERROR
-    stuck = worker.wsgi_app.threads_in_app if worker.wsgi_app is not None else 0
+    stuck = (worker.wsgi_app.threads_left_in_app(EXIT_THREAD_WAIT)
+             if worker.wsgi_app is not None else 0)
     if stuck:
         # Python would wait for them at exit, for as long as the app takes:
         # forever for a request stuck there, with no primary left to kill

@@ -238,7 +238,7 @@ class WsgiApp:
         # Counted in the pool's threads: calls into the app under way, which
         # nothing can interrupt (see threads_in_app).
         self.calls_in_app = 0
-        self.calls_lock = threading.Lock()
+        self.calls_done = threading.Condition()
         self.saturated = None     # called with True/False as every thread is busy or not
 
     def watch_load(self, saturated) -> None:
@@ -272,19 +272,26 @@ class WsgiApp:
 
     def call_app(self, request: WsgiRequest) -> bytes | None:
         """In a pool thread: the app's call, counted (threads_in_app)."""
-        with self.calls_lock:
+        with self.calls_done:
             self.calls_in_app += 1
         try:
             return request.run(self.app)
         finally:
-            with self.calls_lock:
+            with self.calls_done:
                 self.calls_in_app -= 1
+                if not self.calls_in_app:
+                    self.calls_done.notify_all()
 
-    @property
-    def threads_in_app(self) -> int:
-        """Pool threads still inside the app.  Python cannot stop them, and
-        joins them at exit: a request stuck there would keep the process."""
-        return self.calls_in_app
+    def threads_left_in_app(self, timeout: float) -> int:
+        """Pool threads still inside the app after up to `timeout` s.
+
+        Once stopped, a thread waiting on the loop gives up within
+        THREAD_WAIT_SLICE (and the app's iterable is closed); one that does
+        not return, Python cannot stop, and would wait for at exit.
+        """
+        with self.calls_done:
+            self.calls_done.wait_for(lambda: not self.calls_in_app, timeout)
+            return self.calls_in_app
 
     def stop(self) -> None:
         """The loop has stopped: threads waiting on it give up; none start."""
