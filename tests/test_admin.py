@@ -250,6 +250,37 @@ def test_unknown_admin_path_is_404(start_server):
     assert status == 404 and "/metrics" in json.loads(body)["error"]
 
 
+
+def test_admin_answers_head_and_refuses_other_methods(start_server):
+    # HEAD is what load balancers' checks and `curl -I` send.
+    server = start_server("--admin", "127.0.0.1:0")
+    url = admin_url(server)
+    wait_until(lambda: health(server)[0] == 200, message="the server healthy")
+    for path in ("/healthz", "/metrics", "/status"):
+        with urllib.request.urlopen(urllib.request.Request(url + path, method="HEAD"),
+                                    timeout=10) as response:
+            assert response.status == 200
+            assert int(response.headers["Content-Length"]) > 0
+            assert response.read() == b""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(url + "/metrics", data=b"x",
+                                                      method="POST"), timeout=10)
+    assert refused.value.code == 405 and refused.value.headers["Allow"] == "GET, HEAD"
+
+
+def test_a_malformed_accept_header_gets_the_text_format(start_server):
+    # prometheus_client's negotiation raises on this one: no 500, no traceback.
+    server = start_server("--admin", "127.0.0.1:0")
+    request = urllib.request.Request(
+        admin_url(server) + "/metrics",
+        headers={"Accept": "application/openmetrics-text; version=x"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        assert "cydispatch_workers" in response.read().decode()
+    assert "Traceback" not in server.log
+
+
 def status_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([CYDISPATCH, "status", *args], capture_output=True, text=True,
                           timeout=30)
@@ -279,6 +310,31 @@ def test_status_without_a_server_is_one_line():
     assert result.returncode == 1
     assert result.stderr.startswith("cydispatch: error: cannot reach http://127.0.0.1:1/status")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+
+@pytest.mark.parametrize("answer, words", [
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "did not answer HTTP"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", "did not answer HTTP"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "answered JSON, but not a server's"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", "did not answer JSON"),
+], ids=["ssh", "cut-off", "an-app-s-status", "not-json"])
+def test_status_against_something_else_is_one_line(answer, words):
+    # --admin pointed at the wrong port: whatever listens there, one line.
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def answer_once():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(answer)
+        peer = threading.Thread(target=answer_once, daemon=True)
+        peer.start()
+        result = status_command("--admin", "127.0.0.1:%d" % listener.getsockname()[1])
+        peer.join(10)
+    assert result.returncode == 1
+    assert result.stderr.startswith("cydispatch: error: ") and words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize("value, words", [

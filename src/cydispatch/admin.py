@@ -265,35 +265,66 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     timeout = 5
 
     def do_GET(self) -> None:   # noqa: N802 (http.server's naming)
+        self.answer(*self.page(), with_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802: load balancers' health checks, curl -I
+        self.answer(*self.page(), with_body=False)
+
+    def not_allowed(self) -> None:
+        self.answer(*json_page(405, {"error": "only GET and HEAD"}),
+                    extra=(("Allow", "GET, HEAD"),))
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_allowed  # noqa: N815
+
+    def page(self) -> tuple[int, str, bytes]:
+        """(status, content type, body) for this request's path; written by answer."""
         path = self.path.partition("?")[0]
         try:
             if path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self.answer(200, content_type, encoder(self.server.registry))
-            elif path == "/healthz":
-                status, body = health_of(self.server.snapshot())
-                self.answer_json(status, body)
-            elif path == "/status":
-                self.answer_json(200, self.server.snapshot())
-            else:
-                self.answer_json(404, {"error": "not found; try /metrics, /healthz, /status"})
+                encoder, content_type = metrics_encoder(self.headers.get("Accept", ""))
+                return 200, content_type, encoder(self.server.registry)
+            if path == "/healthz":
+                return json_page(*health_of(self.server.snapshot()))
+            if path == "/status":
+                return json_page(200, self.server.snapshot())
+            return json_page(404, {"error": "not found; try /metrics, /healthz, /status"})
         except Exception:   # an admin page must never take the primary down
             log.exception("admin endpoint: %s failed", path)
-            self.answer_json(500, {"error": "internal error"})
+            return json_page(500, {"error": "internal error"})
 
-    def answer_json(self, status: int, body: dict) -> None:
-        self.answer(status, "application/json", json.dumps(body).encode() + b"\n")
-
-    def answer(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+    def answer(self, status: int, content_type: str, body: bytes, with_body: bool = True,
+               extra: tuple = ()) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for name, value in extra:
+                self.send_header(name, value)
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+        except ConnectionError:
+            self.close_connection = True    # the client left (a probe's timeout): nothing to say
 
     def log_message(self, format: str, *args) -> None:
         pass    # scrapes every few seconds would drown the primary's log
+
+
+def json_page(status: int, body: dict) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(body).encode() + b"\n"
+
+
+def metrics_encoder(accept: str):
+    """prometheus_client's choice for `accept`; its text format when it cannot parse it.
+
+    choose_encoder raises on some malformed Accept headers (a bad `version=`):
+    a scraper's typo is no reason for a 500.
+    """
+    try:
+        return choose_encoder(accept)
+    except Exception:
+        return choose_encoder("")
 
 
 class AdminServer(http.server.ThreadingHTTPServer):
