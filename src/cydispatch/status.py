@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -18,19 +19,27 @@ class Unreachable(Exception):
 def fetch(admin: str) -> dict:
     host, port = parse_admin_address(admin)
     url = f"http://{format_address(host, port)}/status"
+    not_ours = f"is this a cydispatch admin endpoint? (started with --admin {admin})"
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response:
-            return json.load(response)
+            view = json.load(response)
     except urllib.error.HTTPError as exc:
-        raise Unreachable(f"{url} answered {exc.code}: is this a cydispatch admin "
-                          "endpoint?") from None
+        raise Unreachable(f"{url} answered {exc.code}: {not_ours}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise Unreachable(f"cannot reach {url}: {getattr(reason, 'strerror', None) or reason}"
                           " (is the server running with --admin?)") from None
+    except http.client.HTTPException as exc:
+        # Something else listens there (an SSH banner, a cut-off answer).
+        raise Unreachable(f"{url} did not answer HTTP ({type(exc).__name__}): "
+                          f"{not_ours}") from None
     except ValueError:
-        raise Unreachable(f"{url} did not answer JSON: is this a cydispatch admin "
-                          "endpoint?") from None
+        raise Unreachable(f"{url} did not answer JSON: {not_ours}") from None
+    if not (isinstance(view, dict) and isinstance(view.get("primary"), dict)
+            and isinstance(view.get("workers"), list)):
+        # An app's own /status, reached on the app's port.
+        raise Unreachable(f"{url} answered JSON, but not a server's status: {not_ours}")
+    return view
 
 
 def as_json(view: dict) -> str:
