@@ -556,6 +556,11 @@ cdef struct Slot:
     bint pool_full          # stuck because every thread of its pool is busy
     uint64_t handed_total   # connections handed to this worker, for stats
     uint32_t orphaned       # left for others when its channel closed
+    # Its page's duration counts, kept when the channel closed (the page is
+    # let go then) until detach: the supervisor folds them in at its exit.
+    bint counts_kept
+    uint64_t kept_durations[DURATION_BUCKETS]
+    uint64_t kept_duration_sum_us
     int batch_len
     int batch[MAX_FDS_PER_MESSAGE]  # accepted this wake-up, not yet sent
 
@@ -791,6 +796,7 @@ cdef class Dispatcher:
         s.load_fd = load_copy
         s.handed_total = 0
         s.orphaned = 0
+        s.counts_kept = False
         s.batch_len = 0
 
     def detach(self, int slot):
@@ -806,6 +812,7 @@ cdef class Dispatcher:
             self._read_reports(slot)
             self._close_slot(slot)
         self.slots[slot].last_heard = 0     # nobody left to hear from
+        self.slots[slot].counts_kept = False    # folded in by the caller, before
         orphaned = self.slots[slot].orphaned
         self.slots[slot].orphaned = 0
         return orphaned
@@ -860,9 +867,16 @@ cdef class Dispatcher:
         """(counts per bucket of DURATION_BOUNDS and one above, sum in seconds)
         of the requests the worker in `slot` has answered."""
         cdef LoadPage *page
-        if slot >= self.nslots or self.slots[slot].page == NULL:
+        cdef Slot *s
+        if slot >= self.nslots:
             return [0] * DURATION_BUCKETS, 0.0
-        page = self.slots[slot].page
+        s = &self.slots[slot]
+        if s.page == NULL:
+            if not s.counts_kept:
+                return [0] * DURATION_BUCKETS, 0.0
+            return ([s.kept_durations[k] for k in range(DURATION_BUCKETS)],
+                    s.kept_duration_sum_us / 1e6)
+        page = s.page
         return ([relaxed_load_u64(&page.durations[k]) for k in range(DURATION_BUCKETS)],
                 relaxed_load_u64(&page.duration_sum_us) / 1e6)
 
@@ -1653,6 +1667,13 @@ cdef class Dispatcher:
             close(s.load_fd)
             s.load_fd = -1
         if s.page != NULL:
+            # A worker closes its channel before it exits, and outside
+            # dispatch mode the primary holds no copy of its end: the close
+            # comes here before the exit, whose fold needs the counts.
+            for k in range(DURATION_BUCKETS):
+                s.kept_durations[k] = relaxed_load_u64(&s.page.durations[k])
+            s.kept_duration_sum_us = relaxed_load_u64(&s.page.duration_sum_us)
+            s.counts_kept = True
             munmap(s.page, LOAD_PAGE_SIZE)
             s.page = NULL
         s.state = SLOT_EMPTY

@@ -86,10 +86,13 @@ def test_metrics_count_connections_and_workers(start_server):
     assert [tuple(map(int, m.groups())) for m in final] == [(6, redispatched, stolen)]
 
 
-def test_requests_are_counted_per_worker_across_restarts(start_server):
+@pytest.mark.parametrize("mode", ["dispatch", "shared", "reuseport"])
+def test_requests_are_counted_per_worker_across_restarts(start_server, mode):
     # Counted by each worker as it answers; the last response may reach the
-    # client just before its count is stored: wait for the counts.
-    server = start_server("--admin", "127.0.0.1:0")
+    # client just before its count is stored: wait for the counts.  Outside
+    # dispatch mode a worker's channel closes before it exits, and its page
+    # went with it: the counts once went back to 0.
+    server = start_server("--admin", "127.0.0.1:0", "--mode", mode)
     for _ in range(20):
         assert get(server.host, server.port).status == 200
 
@@ -105,6 +108,26 @@ def test_requests_are_counted_per_worker_across_restarts(start_server):
     for _ in range(10):
         assert get(server.host, server.port).status == 200
     wait_until(lambda: sum(requests().values()) == 30, message="30 requests counted")
+
+
+
+def test_a_slot_removed_and_added_again_keeps_counting_from_its_total(start_server):
+    # TTOU then TTIN: the new slot has the old one's index, its label.
+    server = start_server("--admin", "127.0.0.1:0")
+    for _ in range(20):
+        assert get(server.host, server.port).status == 200
+
+    def requests() -> dict:
+        return {dict(labels)["worker"]: value for labels, value
+                in metrics(server)["cydispatch_worker_requests_total"].items()}
+
+    before = wait_until(lambda: sum(requests().values()) == 20 and requests(),
+                        message="20 requests counted")
+    server.proc.send_signal(signal.SIGTTOU)
+    server.wait_for_log(r"Worker \d+ exited")
+    server.proc.send_signal(signal.SIGTTIN)
+    wait_until(lambda: len(server.worker_pids()) == 2, message="a worker added again")
+    assert requests() == before
 
 
 def durations(server: Server) -> dict[str, float]:

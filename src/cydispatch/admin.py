@@ -127,8 +127,8 @@ def read_snapshot(arbiter) -> dict:
         "workers": workers,
         # Per slot, answered by its workers that have exited: with the live
         # ones' counts, a total that only grows.
-        "requests_done": {str(slot.index): slot.requests_done
-                          for slot in {*list(arbiter.slots), *(w.slot for w in live)}},
+        "requests_done": {str(index): done
+                          for index, done in sorted(arbiter.slots.requests_done.items())},
     }
 
 

@@ -52,7 +52,7 @@ class WorkerSlot:
 
     __slots__ = ("index", "cpu", "worker", "successor", "deaths",
                  "boot_failures", "successor_failures", "start_at", "restarts",
-                 "replace_reason", "requests_done", "replace_again", "recycle_wanted")
+                 "replace_reason", "replace_again", "recycle_wanted")
 
     def __init__(self, index: int, cpu: int | None) -> None:
         self.index = index
@@ -65,7 +65,6 @@ class WorkerSlot:
         self.start_at = 0.0         # when to start the next worker (backoff)
         self.restarts = 0           # workers that replaced another here
         self.replace_reason = "reload"  # why its worker is being replaced
-        self.requests_done = 0      # answered by its workers that have exited
         # A reload came while its successor was already starting: that one
         # may have loaded the code from before, so it is replaced in turn.
         self.replace_again = False
@@ -95,6 +94,10 @@ class WorkerSlots:
         self.reloading = False
         # Workers replaced, by why (crash, watchdog, recycle, reload): for --admin.
         self.restarts: collections.Counter[str] = collections.Counter()
+        # Requests answered by exited workers, by slot index: kept by index,
+        # not by slot, since a slot removed (TTOU) and one added again
+        # (TTIN) share an index, its label in the metrics.
+        self.requests_done: collections.Counter[int] = collections.Counter()
 
     def __iter__(self) -> Iterator[WorkerSlot]:
         # The list's own iterator, not a generator: list() drains it in C,

@@ -469,7 +469,7 @@ class Arbiter:
         totals it reports never go back.
         """
         counts, seconds = self.dispatcher.durations(worker.channel)
-        worker.slot.requests_done += sum(counts)
+        self.slots.requests_done[worker.slot.index] += sum(counts)
         self.durations_done = [done + count for done, count in zip(self.durations_done, counts)]
         self.duration_seconds_done += seconds
         return self.dispatcher.detach(worker.channel)
