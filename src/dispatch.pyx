@@ -556,13 +556,14 @@ cdef struct Slot:
     bint pool_full          # stuck because every thread of its pool is busy
     uint64_t handed_total   # connections handed to this worker, for stats
     uint32_t orphaned       # left for others when its channel closed
+    int batch_len
+    int batch[MAX_FDS_PER_MESSAGE]  # accepted this wake-up, not yet sent
     # Its page's duration counts, kept when the channel closed (the page is
     # let go then) until detach: the supervisor folds them in at its exit.
+    # Last: read once per worker, away from what each connection touches.
     bint counts_kept
     uint64_t kept_durations[DURATION_BUCKETS]
     uint64_t kept_duration_sum_us
-    int batch_len
-    int batch[MAX_FDS_PER_MESSAGE]  # accepted this wake-up, not yet sent
 
 
 cdef inline uint32_t waiting_in_channel(LoadPage *page) noexcept:
