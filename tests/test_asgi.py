@@ -339,6 +339,25 @@ def test_oversized_head_is_431(edge):
     assert data.startswith(b"HTTP/1.1 431 ")
 
 
+@pytest.mark.parametrize("path", [b"/sha256", b"/ignore-body"])
+def test_an_endless_trailer_is_431_before_it_ends(edge, path):
+    # httptools keeps an unfinished trailer field whole, growing with every
+    # byte (and its copying with it), before any callback sees it.  An app
+    # that answered without reading the body got its answer out first: the
+    # connection just closes, with no second response.
+    with socket.create_connection((edge.host, edge.port), timeout=30) as sock:
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: t\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: ")
+        for _ in range(200):                # 200 KB of one trailer, never finished
+            try:
+                sock.sendall(b"a" * 1000)
+            except (BrokenPipeError, ConnectionResetError):
+                break                       # answered and closed already
+        data = read_until_closed(sock)
+    first = b"HTTP/1.1 431 " if path == b"/sha256" else b"HTTP/1.1 200 "
+    assert data.startswith(first) and data.count(b"HTTP/1.1 ") == 1, data
+
+
 # Slow clients
 
 def test_slowloris_head_gets_408_at_the_header_timeout(start_server):

@@ -149,6 +149,18 @@ def test_endless_head_is_431_before_it_ends(dispatch_server, conn):
     assert_still_serving(dispatch_server)
 
 
+def test_endless_trailer_is_431_before_it_ends(dispatch_server, conn):
+    conn.send(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"3\r\nabc\r\n0\r\nX-Trailer: ")
+    for _ in range(200):                    # 200 KB of one trailer, never finished
+        try:
+            conn.send(b"a" * 1000)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    assert conn.response().status == 431
+    assert_still_serving(dispatch_server)
+
+
 def test_oversized_body_is_413(dispatch_server, conn):
     conn.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5000000\r\n\r\n")
     try:

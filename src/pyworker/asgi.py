@@ -555,11 +555,13 @@ class AsgiProtocol:
         server.begin()
         try:
             self.last_active = server.now
-            if self.parsing is None:
-                # Not inside a body: this is (part of) a head.
-                self.head_seen += len(data)
-                if self.head_since == 0:
-                    self.head_since = server.now
+            # Bytes since a head began, or since the body's last piece: inside
+            # a chunked body, what is not body is chunk sizes and trailers,
+            # and httptools keeps an unfinished trailer whole, whatever its
+            # size, before any callback of ours sees it.
+            self.head_seen += len(data)
+            if self.parsing is None and self.head_since == 0:
+                self.head_since = server.now
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserCallbackError as exc:
@@ -574,8 +576,7 @@ class AsgiProtocol:
             except httptools.HttpParserError:
                 self.reject(400)
             else:
-                if self.parsing is None and self.head_seen > MAX_HEAD_BYTES \
-                        and not self.closing:
+                if self.head_seen > MAX_HEAD_BYTES and not self.closing:
                     self.reject(431)
         finally:
             server.end()
@@ -694,6 +695,7 @@ class AsgiProtocol:
                 self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self.head_seen = 0
         self.parsing.feed_body(body)
 
     def on_message_complete(self) -> None:
@@ -791,8 +793,11 @@ class AsgiProtocol:
             bad.lose_connection()
             if bad in self.pipeline:
                 self.pipeline.remove(bad)
-            elif bad is self.cycle and bad.head_sent:
-                self.close()    # its response cannot be finished
+            elif bad.head_sent:
+                # Its response is under way, or went out before the body was
+                # all in (an app that answers without reading it): it cannot
+                # be finished, and a second one would answer nothing.
+                self.close()
                 return
         running = self.cycle if self.cycle is not bad else None
         if running is not None or self.pipeline:

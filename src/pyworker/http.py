@@ -181,10 +181,11 @@ class HttpProtocol(ConnectionProtocol):
         server.begin()
         try:
             self.last_active = server.now
-            if not self.in_body:
-                self.head_seen += len(data)
-                if not self.head_since:
-                    self.head_since = server.now
+            # Bytes since a head began, or since the body's last piece (a
+            # chunked body's trailers: see AsgiProtocol.data_received).
+            self.head_seen += len(data)
+            if not self.in_body and not self.head_since:
+                self.head_since = server.now
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserCallbackError as exc:
@@ -203,8 +204,7 @@ class HttpProtocol(ConnectionProtocol):
             else:
                 # A head still arriving after this many bytes is too large,
                 # even if the parser has not yet seen where its headers end.
-                if not self.in_body and self.head_seen > MAX_HEAD_BYTES \
-                        and not self.closing:
+                if self.head_seen > MAX_HEAD_BYTES and not self.closing:
                     self.reject(431)
         finally:
             server.end()
@@ -232,6 +232,7 @@ class HttpProtocol(ConnectionProtocol):
         self.head_seen = 0
 
     def on_body(self, body: bytes) -> None:
+        self.head_seen = 0
         self.body_bytes += len(body)
         if self.body_bytes > MAX_DISCARDED_BODY_BYTES:
             raise RequestRejected(413)
