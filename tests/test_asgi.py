@@ -324,6 +324,9 @@ SMUGGLING = {
     "chunk longer than its size":
         b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
     "non-ASCII in the target": b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: t\r\n\r\n",
+    # Which site?  A proxy and the app could each take another (RFC 9112, 3.2).
+    "two hosts": b"GET / HTTP/1.1\r\nHost: good\r\nHost: evil\r\n\r\n",
+    "no host": b"GET / HTTP/1.1\r\nX: y\r\n\r\n",
 }
 
 
@@ -332,6 +335,25 @@ def test_smuggling_shapes_are_refused(edge, name):
     data = raw(edge, SMUGGLING[name] + b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 400 "), data
     assert b"/smuggled" not in data and data.count(b"HTTP/1.1") == 1
+
+
+
+def test_http_1_0_may_leave_out_the_host(edge):
+    data = raw(edge, b"GET /host HTTP/1.0\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"[]")
+
+
+@pytest.mark.parametrize("target, host", [
+    (b"http://evil.example/host", b"evil.example"),
+    (b"http://[::1]:8080/host", b"[::1]:8080"),
+])
+def test_an_absolute_target_names_the_host_the_app_sees(edge, target, host):
+    # RFC 9112, 3.2.2: the target's authority, not the Host field, names the
+    # site; a proxy routes by one, and the app must not read the other.
+    data = raw(edge, b"GET " + target + b" HTTP/1.1\r\nHost: good.example\r\n"
+                     b"Connection: close\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(data.partition(b"\r\n\r\n")[2]) == [host.decode()]
 
 
 def test_oversized_head_is_431(edge):

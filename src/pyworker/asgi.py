@@ -73,11 +73,12 @@ CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # a request whose app does not wait is then served without a turn of the loop.
 EAGER_TASKS = sys.version_info >= (3, 12)
 # Request headers that need a second look once the head is complete.
-NOTED_FORWARDED, NOTED_EXPECT, NOTED_CONNECTION = 1, 2, 4
+NOTED_FORWARDED, NOTED_EXPECT, NOTED_CONNECTION, NOTED_HOST = 1, 2, 4, 8
 NOTED_HEADERS = {b"x-forwarded-for": NOTED_FORWARDED, b"x-forwarded-proto": NOTED_FORWARDED,
                  b"x-forwarded-host": NOTED_FORWARDED, b"expect": NOTED_EXPECT,
                  # llhttp reads Proxy-Connection as it reads Connection.
-                 b"connection": NOTED_CONNECTION, b"proxy-connection": NOTED_CONNECTION}
+                 b"connection": NOTED_CONNECTION, b"proxy-connection": NOTED_CONNECTION,
+                 b"host": NOTED_HOST}
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
@@ -604,7 +605,12 @@ class AsgiProtocol:
         name = name.lower()
         self.headers.append((name, value))
         if name in NOTED_HEADERS:
-            self.noted |= NOTED_HEADERS[name]
+            noted = NOTED_HEADERS[name]
+            if noted & self.noted & NOTED_HOST:
+                # Two Host fields: which one names the site is anybody's
+                # guess, a proxy's and the app's apart (RFC 9112, 3.2).
+                raise RequestRejected(400)
+            self.noted |= noted
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -620,7 +626,10 @@ class AsgiProtocol:
             http11 = parser.get_http_version() == "1.1"
         else:
             http11 = keep_alive
+        if http11 and not self.noted & NOTED_HOST:
+            raise RequestRejected(400)      # HTTP/1.1 names its site (RFC 9112, 3.2)
         url = self.url
+        target_host = None
         if url[:1] == b"/":
             raw_path, _, query = url.partition(b"?")
         elif url == b"*":
@@ -631,6 +640,15 @@ class AsgiProtocol:
             except httptools.HttpParserInvalidURLError:
                 raise RequestRejected(400) from None
             raw_path, query = parsed.path or b"/", parsed.query or b""
+            if parsed.host:
+                # The absolute form names the site; its Host field does not
+                # count (RFC 9112, 3.2.2), or a proxy routing by the target
+                # and the app reading Host would serve different sites.
+                target_host = parsed.host
+                if b":" in target_host:
+                    target_host = b"[" + target_host + b"]"     # an IPv6 literal
+                if parsed.port is not None:
+                    target_host += b":%d" % parsed.port
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
@@ -639,6 +657,8 @@ class AsgiProtocol:
         client, scheme = self.client, self.scheme
         host = None
         noted = self.noted
+        if target_host is not None:
+            headers = [(n, target_host if n == b"host" else v) for n, v in headers]
         if noted & NOTED_FORWARDED and self.trusted_proxy:
             client, scheme, host = config.trust.apply(headers, client, scheme)
             if host is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import json
 import os
 import time
 
@@ -189,6 +190,11 @@ async def app(scope, receive, send):
         await start(send)
         await send({"type": "http.response.body",
                     "body": repr([name for name, _ in scope["headers"]]).encode()})
+        return
+    if path == "/host":
+        await start(send)
+        await send({"type": "http.response.body", "body": json.dumps(
+            [value.decode() for name, value in scope["headers"] if name == b"host"]).encode()})
         return
     if path == "/too-long":
         await start(send, headers=[(b"content-length", b"3")])
