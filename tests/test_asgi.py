@@ -705,10 +705,23 @@ def test_chunked_trailers_are_not_request_headers(edge):
     assert b"transfer-encoding" in body
 
 
-@pytest.mark.parametrize("path", ["/too-long", "/status-103", "/bad-length"])
+@pytest.mark.parametrize("path", ["/too-long", "/status-103", "/bad-length", "/two-lengths"])
 def test_app_framing_mistakes_are_500(edge, path):
     data = raw(edge, f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
     assert data.startswith(b"HTTP/1.1 500 "), data
+
+
+def test_an_app_s_harmless_length_mistakes_are_mended(edge):
+    # The same length twice goes out once; a 204 carries none (RFC 9110,
+    # 8.6).  The connection stays usable: the next response follows.
+    data = raw(edge, b"GET /same-length-twice HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"GET /no-content-with-length HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"GET /host HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    first, second, third = data.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 ") and first.lower().count(b"content-length: 5") == 1
+    assert first.endswith(b"\r\n\r\nhello")
+    assert second.startswith(b"204 ") and b"content-length" not in second.lower()
+    assert third.startswith(b"200 ") and third.endswith(b'["t"]')
 
 
 def test_client_that_never_reads_is_dropped_after_the_send_timeout(start_server, tmp_path):

@@ -301,7 +301,16 @@ class RequestCycle:
             elif kind == HEADER_LENGTH:
                 if not value.isdigit():     # int() would take "+5", "1_0", " 5"
                     raise RuntimeError(f"invalid Content-Length {value!r}")
-                self.content_length = int(value)
+                length = int(value)
+                if self.content_length is not None:
+                    if length != self.content_length:
+                        # A client taking the first would read the next
+                        # response into this one (RFC 9112, 6.3).
+                        raise RuntimeError("two different Content-Length headers")
+                    continue    # the same twice: once is enough
+                self.content_length = length
+                if status == 204:
+                    continue    # a 204 has no length to give (RFC 9110, 8.6)
                 lines.append(line)
             elif kind == HEADER_CONNECTION:
                 # Written below, once.

@@ -208,6 +208,18 @@ async def app(scope, receive, send):
         await start(send, headers=[(b"content-length", b"+5")])
         await send({"type": "http.response.body", "body": b"hello"})
         return
+    if path == "/two-lengths":
+        await start(send, headers=[(b"content-length", b"10"), (b"content-length", b"5")])
+        await send({"type": "http.response.body", "body": b"hello"})
+        return
+    if path == "/same-length-twice":
+        await start(send, headers=[(b"content-length", b"5"), (b"Content-Length", b"5")])
+        await send({"type": "http.response.body", "body": b"hello"})
+        return
+    if path == "/no-content-with-length":
+        await start(send, status=204, headers=[(b"content-length", b"0")])
+        await send({"type": "http.response.body", "body": b""})
+        return
     if path == "/sleep":
         record(f"sleeping {os.getpid()}")
         await asyncio.sleep(float(query.get("s", "0.1")))
