@@ -204,10 +204,9 @@ class RequestCycle:
     # The app's side
 
     async def receive(self) -> dict:
-        if self.expect_continue:
+        if self.expect_continue and not self.response_started and not self.disconnected:
             self.expect_continue = False
-            if not self.response_started and not self.disconnected:
-                self.protocol.transport.write(CONTINUE_RESPONSE)
+            self.protocol.transport.write(CONTINUE_RESPONSE)
         while not (self.disconnected or self.response_complete):
             if self.body_size or (self.body_complete and not self.body_delivered):
                 body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
@@ -341,7 +340,11 @@ class RequestCycle:
                 lines.append(CHUNKED_HEADER)
             else:
                 self.keep_alive = False     # HTTP/1.0: the end is the close
-        if protocol.close_after:
+        if protocol.close_after or self.expect_continue:
+            # expect_continue: answered before the body was asked for, with
+            # no 100 Continue.  The client may send the body or not (RFC
+            # 9110, 10.1.1): what follows on this connection cannot be told
+            # apart from a next request.
             self.keep_alive = False
         lines.append(END_OF_HEAD[self.http11, self.keep_alive])
         return b"".join(lines)
