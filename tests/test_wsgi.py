@@ -172,6 +172,20 @@ def test_a_request_stuck_in_the_app_does_not_keep_an_orphaned_worker(start_serve
 
 
 
+def test_path_info_keeps_the_target_s_bytes(start_server):
+    # PEP 3333: bytes as latin-1, whatever they are.  Taken from the
+    # UTF-8-decoded ASGI path, /%FF came out as U+FFFD's three bytes.
+    server = start_server("--app-dir", APPS, "wsgi_edge:app", workers=1)
+    for target, expected in [(b"/path-info/%FF", b"/path-info/\xff"),
+                             (b"/path-info/caf%C3%A9", "/path-info/café".encode()),
+                             (b"/path-info/a%2Fb", b"/path-info/a/b")]:
+        with socket.create_connection((server.host, server.port), timeout=30) as sock:
+            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = read_until_closed(sock)
+        assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\n" + expected), data
+
+
+
 def test_a_full_pool_reads_as_busy_until_a_thread_is_free():
     # The primary hands nothing to a worker whose pool is full, and counts a
     # pool full for 15 ms as slow work.  Requests finishing while others wait

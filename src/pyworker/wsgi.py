@@ -21,6 +21,7 @@ import io
 import logging
 import sys
 import threading
+from urllib.parse import unquote_to_bytes
 
 from pyworker.asgi import ClientDisconnected
 
@@ -115,16 +116,26 @@ class InputStream(io.RawIOBase):
 
 
 def build_environ(scope: dict, root_path: str, body: InputStream, threads: int) -> dict:
-    """The PEP 3333 environ: native strings hold bytes as latin-1."""
-    path = scope["path"]
-    if root_path and path.startswith(root_path):
-        path = path[len(root_path):]
+    """The PEP 3333 environ: native strings hold bytes as latin-1.
+
+    PATH_INFO is the target's own bytes, percent-decoded: scope["path"] is
+    text, decoded as UTF-8, and bytes that are not (/%FF) would come out
+    as U+FFFD.  Gunicorn and waitress keep them too.
+    """
+    raw_path = scope.get("raw_path")    # optional in ASGI; ours always has it
+    if raw_path is None:
+        path = scope["path"].encode("utf-8").decode("latin-1")
+    else:
+        path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode("latin-1")
+    script_name = root_path.encode("utf-8").decode("latin-1")
+    if script_name and path.startswith(script_name):
+        path = path[len(script_name):]
     server = scope["server"] or ("localhost", 80)
     client = scope["client"]
     environ = {
         "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": root_path.encode("utf-8").decode("latin-1"),
-        "PATH_INFO": path.encode("utf-8").decode("latin-1"),
+        "SCRIPT_NAME": script_name,
+        "PATH_INFO": path,
         "QUERY_STRING": scope["query_string"].decode("latin-1"),
         "SERVER_NAME": str(server[0]),
         "SERVER_PORT": str(server[1]),

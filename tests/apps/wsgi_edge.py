@@ -16,6 +16,9 @@ def app(environ, start_response):
         # Blocks its pool thread, not the event loop.
         record(f"sleeping {os.getpid()}")
         time.sleep(float(parse_qs(environ["QUERY_STRING"]).get("s", ["3"])[0]))
+    if path.startswith("/path-info/"):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [path.encode("latin-1")]      # PEP 3333: the bytes, as latin-1
     if path == "/client":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [f"{environ['REMOTE_ADDR']} {environ['REMOTE_PORT']}".encode()]
