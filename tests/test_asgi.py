@@ -327,6 +327,7 @@ SMUGGLING = {
     # Which site?  A proxy and the app could each take another (RFC 9112, 3.2).
     "two hosts": b"GET / HTTP/1.1\r\nHost: good\r\nHost: evil\r\n\r\n",
     "no host": b"GET / HTTP/1.1\r\nX: y\r\n\r\n",
+    "a fragment in the target": b"GET /a#b HTTP/1.1\r\nHost: t\r\n\r\n",
 }
 
 
@@ -336,6 +337,18 @@ def test_smuggling_shapes_are_refused(edge, name):
     assert data.startswith(b"HTTP/1.1 400 "), data
     assert b"/smuggled" not in data and data.count(b"HTTP/1.1") == 1
 
+
+
+
+@pytest.mark.parametrize("codings", [
+    [b"gzip, chunked"], [b"gzip", b"chunked"], [b"identity, chunked"]])
+def test_a_transfer_coding_before_chunked_is_501(edge, codings):
+    # Only chunked is served: the body would reach the app still coded,
+    # with nothing to say so (RFC 9112, 6.1).
+    fields = b"".join(b"Transfer-Encoding: " + c + b"\r\n" for c in codings)
+    data = raw(edge, b"POST /sha256 HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n"
+                     b"3\r\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 501 ") and b"/smuggled" not in data, data
 
 
 def test_http_1_0_may_leave_out_the_host(edge):

@@ -73,12 +73,12 @@ CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # a request whose app does not wait is then served without a turn of the loop.
 EAGER_TASKS = sys.version_info >= (3, 12)
 # Request headers that need a second look once the head is complete.
-NOTED_FORWARDED, NOTED_EXPECT, NOTED_CONNECTION, NOTED_HOST = 1, 2, 4, 8
+NOTED_FORWARDED, NOTED_EXPECT, NOTED_CONNECTION, NOTED_HOST, NOTED_CODING = 1, 2, 4, 8, 16
 NOTED_HEADERS = {b"x-forwarded-for": NOTED_FORWARDED, b"x-forwarded-proto": NOTED_FORWARDED,
                  b"x-forwarded-host": NOTED_FORWARDED, b"expect": NOTED_EXPECT,
                  # llhttp reads Proxy-Connection as it reads Connection.
                  b"connection": NOTED_CONNECTION, b"proxy-connection": NOTED_CONNECTION,
-                 b"host": NOTED_HOST}
+                 b"host": NOTED_HOST, b"transfer-encoding": NOTED_CODING}
 METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
@@ -137,6 +137,23 @@ class AsgiConfig:
         # The listening address, when it is not a wildcard: every
         # connection's `server`.  None: ask each connection.
         self.local = local
+
+
+def check_transfer_coding(headers: list) -> None:
+    """Chunked is the only transfer coding served.
+
+    Not last, the body's length is unknown: 400 (RFC 9112, 6.3), as llhttp
+    would say.  Another before it (gzip, chunked) would reach the app still
+    coded, unannounced: 501 (RFC 9112, 6.1).
+    """
+    codings = []
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",") if c.strip()]
+    if not codings or codings[-1] != b"chunked":
+        raise RequestRejected(400)
+    if len(codings) > 1:
+        raise RequestRejected(501)
 
 
 class RequestCycle:
@@ -640,7 +657,11 @@ class AsgiProtocol:
             http11 = keep_alive
         if http11 and not self.noted & NOTED_HOST:
             raise RequestRejected(400)      # HTTP/1.1 names its site (RFC 9112, 3.2)
+        if self.noted & NOTED_CODING:
+            check_transfer_coding(self.headers)
         url = self.url
+        if b"#" in url:
+            raise RequestRejected(400)      # a fragment is the client's own (RFC 9112, 3.2)
         target_host = None
         if url[:1] == b"/":
             raw_path, _, query = url.partition(b"?")
