@@ -291,6 +291,53 @@ def test_admin_answers_head_and_refuses_other_methods(start_server):
     assert refused.value.code == 405 and refused.value.headers["Allow"] == "GET, HEAD"
 
 
+
+def test_admin_connections_are_few_and_none_lasts(start_server):
+    # Each is a thread and a descriptor in the primary: a client trickling
+    # a byte a second (never idle long enough for the read timeout) held
+    # both for as long as it liked, and any number of them could.
+    import socket
+    import time
+    from cydispatch.admin import CONNECTION_SECONDS, MAX_CONNECTIONS
+    server = start_server("--admin", "127.0.0.1:0")
+    host, port = server.wait_for_log(ADMIN_LINE)[0].groups()
+    tasks = lambda: len(os.listdir(f"/proc/{server.pid}/task"))  # noqa: E731
+    before = tasks()
+    held = [socket.create_connection((host, int(port)), timeout=10)
+            for _ in range(MAX_CONNECTIONS + 4)]
+    opened = time.monotonic()
+    open_ = set(held)
+
+    def trickle() -> bool:
+        """A byte from each connection still open; True once all are closed."""
+        for conn in list(open_):
+            try:
+                conn.sendall(b"G")
+                conn.setblocking(False)
+                closed = conn.recv(1) == b""
+            except BlockingIOError:
+                closed = False
+            except OSError:
+                closed = True
+            conn.setblocking(True)
+            if closed:
+                open_.discard(conn)
+        return not open_
+
+    try:
+        wait_until(lambda: trickle() is not None and len(open_) <= MAX_CONNECTIONS,
+                   message="the connections past the limit closed at once")
+        assert tasks() <= before + MAX_CONNECTIONS
+        assert time.monotonic() - opened < CONNECTION_SECONDS
+        wait_until(lambda: time.sleep(0.5) or trickle(), timeout=CONNECTION_SECONDS + 20,
+                   message="every trickling connection ended")
+        assert time.monotonic() - opened > CONNECTION_SECONDS - 1
+    finally:
+        for conn in held:
+            conn.close()
+    assert health(server)[0] == 200
+
+
 def test_a_malformed_accept_header_gets_the_text_format(start_server):
     # prometheus_client's negotiation raises on this one: no 500, no traceback.
     server = start_server("--admin", "127.0.0.1:0")

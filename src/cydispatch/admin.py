@@ -20,6 +20,7 @@ import http.server
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Callable
@@ -327,6 +328,13 @@ def metrics_encoder(accept: str):
         return choose_encoder("")
 
 
+# Each admin connection is a thread and a descriptor in the primary, beside
+# its accept loop: a few at a time, none for long (a client trickling a byte
+# every few seconds is never idle for AdminHandler.timeout).
+MAX_CONNECTIONS = 16
+CONNECTION_SECONDS = 10.0
+
+
 class AdminServer(http.server.ThreadingHTTPServer):
     """The endpoint's HTTP server, on a socket bound like the main listener."""
 
@@ -341,10 +349,39 @@ class AdminServer(http.server.ThreadingHTTPServer):
         self.socket = sock
         self.server_address = sock.getsockname()[:2]
         self.snapshot = snapshot
+        self.opened: dict[socket.socket, float] = {}    # connection -> when
+        self.opened_lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PrimaryCollector(snapshot))
         self.thread = threading.Thread(target=self.serve_forever, name="admin",
                                        kwargs={"poll_interval": 0.5}, daemon=True)
+
+    def process_request(self, request, client_address) -> None:
+        with self.opened_lock:
+            full = len(self.opened) >= MAX_CONNECTIONS
+            if not full:
+                self.opened[request] = time.monotonic()
+        if full:
+            self.shutdown_request(request)      # closed at once: try again later
+            return
+        super().process_request(request, client_address)
+
+    def close_request(self, request) -> None:
+        with self.opened_lock:
+            self.opened.pop(request, None)
+        super().close_request(request)
+
+    def service_actions(self) -> None:
+        """Between polls of the listener: end connections open too long."""
+        now = time.monotonic()
+        with self.opened_lock:
+            old = [conn for conn, since in self.opened.items()
+                   if now - since > CONNECTION_SECONDS]
+        for conn in old:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)     # its thread's read returns
+            except OSError:
+                pass
 
     @property
     def url(self) -> str:
