@@ -807,7 +807,7 @@ cdef class Dispatcher:
         another worker.  Returns how many connections that is.
         """
         cdef uint32_t orphaned
-        if slot >= self.nslots:
+        if not 0 <= slot < self.nslots:
             return 0
         if self.slots[slot].channel >= 0:
             self._read_reports(slot)
@@ -821,7 +821,7 @@ cdef class Dispatcher:
     def retire(self, int slot):
         """Hand `slot` nothing more, then tell its worker to stop."""
         cdef Slot *s
-        if slot >= self.nslots or self.slots[slot].channel < 0:
+        if not 0 <= slot < self.nslots or self.slots[slot].channel < 0:
             return
         s = &self.slots[slot]
         s.state = SLOT_RETIRING
@@ -869,7 +869,7 @@ cdef class Dispatcher:
         of the requests the worker in `slot` has answered."""
         cdef LoadPage *page
         cdef Slot *s
-        if slot >= self.nslots:
+        if not 0 <= slot < self.nslots:
             return [0] * DURATION_BUCKETS, 0.0
         s = &self.slots[slot]
         if s.page == NULL:
@@ -889,7 +889,7 @@ cdef class Dispatcher:
         closed but which has not been detached (its process lives on, stuck
         at exit) goes on growing silent, so the watchdog still sees it.
         """
-        if slot >= self.nslots or self.slots[slot].last_heard == 0:
+        if not 0 <= slot < self.nslots or self.slots[slot].last_heard == 0:
             return 0.0
         return monotonic() - self.slots[slot].last_heard
 
@@ -899,7 +899,7 @@ cdef class Dispatcher:
         `open` and `queued` include what is in flight.
         """
         cdef Slot *s
-        if slot >= self.nslots or self.slots[slot].channel < 0:
+        if not 0 <= slot < self.nslots or self.slots[slot].channel < 0:
             return (0, 0, 0, 0)
         s = &self.slots[slot]
         return (atomic_load_u32(&s.page.open) + s.batch_len,
@@ -909,7 +909,7 @@ cdef class Dispatcher:
     def lost(self, int slot):
         """Connections the worker in `slot` could not install since last asked."""
         cdef uint32_t lost
-        if slot >= self.nslots:
+        if not 0 <= slot < self.nslots:
             return 0
         lost = self.slots[slot].lost
         self.slots[slot].lost = 0

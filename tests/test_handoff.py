@@ -331,6 +331,20 @@ def test_a_worker_whose_primary_dies_while_a_report_waits_leaves_no_watcher_behi
         loop.close()
 
 
+
+@pytest.mark.parametrize("slot", [-1, 0, 7])
+def test_a_slot_that_does_not_exist_is_nobody_s(slot):
+    # The module is compiled without bounds checks: each method that takes a
+    # slot checks it, or -1 would read and write before the array (and with
+    # no slot attached, through a NULL pointer).
+    dispatcher = Dispatcher(-1, -1)
+    assert dispatcher.load(slot) == (0, 0, 0, 0)
+    assert dispatcher.lost(slot) == 0 and dispatcher.detach(slot) == 0
+    assert dispatcher.silence(slot) == 0.0
+    assert dispatcher.durations(slot)[1] == 0.0
+    dispatcher.retire(slot)
+
+
 # Nothing lost: workers that die, stall, run out of descriptors
 
 def waiting_in_its_channel(r: Rig, slot: int, count: int) -> list[socket.socket]:
