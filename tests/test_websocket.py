@@ -110,6 +110,33 @@ def test_subprotocol_and_scope(edge):
     assert "'query_string': b'x=1'" in scope and "['chat.v2', 'chat.v1']" in scope
 
 
+
+@pytest.mark.parametrize("proto, scheme", [("wss", "wss"), ("https", "wss"), ("ws", "ws")])
+def test_a_trusted_proxy_s_websocket_scheme_is_the_scope_s(edge, proto, scheme):
+    # Traefik says wss (or ws) on WebSocket upgrades, others https: each is
+    # the scheme the client used.
+    with connect(url(edge, "/ws-scope"), open_timeout=TIMEOUT,
+                 additional_headers={"X-Forwarded-Proto": proto}) as ws:
+        scope = ws.recv(TIMEOUT)
+    assert f"'scheme': '{scheme}'" in scope
+
+
+def test_refused_handshakes_do_not_fill_the_worker_s_queue(start_server):
+    # Each refused handshake once left a place taken in the worker's queue;
+    # with the queue full, the worker stopped taking connections for good.
+    server = start_server("--app-dir", APPS, "edge_asgi:app", "--queue-depth", "1",
+                          workers=1)
+    bad = (b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n")
+    for _ in range(4):
+        with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+            sock.sendall(bad)
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /plain HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert read_until_closed(sock).endswith(b"/plain")
+
+
 def test_plain_http_still_works_after_websockets(edge):
     with socket.create_connection((edge.host, edge.port), timeout=TIMEOUT) as sock:
         sock.sendall(b"GET /plain HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -161,6 +188,8 @@ def test_a_websocket_open_at_the_graceful_timeout_still_lets_the_app_shut_down(
     assert [line.split()[1] for line in events.read_text().splitlines()] == [
         "startup", "shutdown"], server.log
     assert "Traceback" not in server.log and "cannot start" not in server.log
+    # websockets' own "connection open" lines name nothing: --log-level debug only.
+    assert "connection open" not in server.log
     assert server.find(r"Worker \d+ exited \(exit code 0\)")
 
 

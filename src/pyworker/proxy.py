@@ -12,7 +12,9 @@ import ipaddress
 
 from cydispatch.settings import Settings, parse_networks
 
-SCHEMES = frozenset(("http", "https"))
+# X-Forwarded-Proto -> the request's scheme.  Traefik says ws or wss on a
+# WebSocket upgrade; its scope says ws or wss from http or https.
+SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 
 
 class ProxyTrust:
@@ -85,7 +87,7 @@ class ProxyTrust:
         if proto is not None:
             value = proto.decode("latin-1").rpartition(",")[2].strip().lower()
             if value in SCHEMES:
-                scheme = value
+                scheme = SCHEMES[value]
         if host is not None:
             host = host.rpartition(b",")[2].strip() or None
         return client, scheme, host

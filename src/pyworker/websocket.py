@@ -29,6 +29,10 @@ from websockets.server import ServerProtocol
 from pyworker.flow import WriteFlow
 
 log = logging.getLogger("cydispatch.worker")
+# websockets says "connection open", "connection closed" and "connection
+# rejected" at INFO for every WebSocket, naming neither client nor path:
+# noise at the default level, kept for --log-level debug (logs.configure).
+WEBSOCKETS_LOG = logging.getLogger("cydispatch.websocket")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 INBOX_LIMIT = 16
@@ -57,8 +61,7 @@ class WebSocketSession(asyncio.Protocol):
         self.loop = server.loop
         self.scope = scope
         self.handshake = handshake
-        self.conn = ServerProtocol(max_size=server.settings.ws_max_size,
-                                   logger=logging.getLogger("cydispatch.websocket"))
+        self.conn = ServerProtocol(max_size=server.settings.ws_max_size, logger=WEBSOCKETS_LOG)
         self.transport = None
         self.request: Request | None = None
         self.inbox: collections.deque[dict] = collections.deque()
@@ -105,6 +108,10 @@ class WebSocketSession(asyncio.Protocol):
         self.writes.lose()
         if self.close_timer is not None:
             self.close_timer.cancel()
+        if self.queued_at is not None:
+            # Refused at the handshake, or gone before the app accepted:
+            # off the worker's queue, or the place stays taken for good.
+            self.server.dequeued(self)
         self.server.connection_closed(self)
 
     def pause_writing(self) -> None:
