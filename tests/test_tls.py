@@ -42,6 +42,7 @@ class Certs:
     missing: str
     renewed_cert: str
     renewed_key: str
+    corrupt_cert: str
 
 
 def openssl(directory: Path, *args: str) -> None:
@@ -78,10 +79,14 @@ def certs(tmp_path_factory) -> Certs:
           leaf + "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     openssl(directory, "pkey", "-in", "server.key", "-aes256", "-passout",
             f"pass:{KEY_PASSWORD}", "-out", "server-encrypted.key")
+    # PEM armour around something that is no certificate (a copy cut short).
+    (directory / "corrupt.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nMIIBkTCB+wIJAKHHIG\n-----END CERTIFICATE-----\n")
     path = lambda name: str(directory / name)  # noqa: E731
     return Certs(path("ca.pem"), path("server.pem"), path("server.key"),
                  path("server-encrypted.key"), path("client.pem"), path("client.key"),
-                 path("missing.pem"), path("renewed.pem"), path("renewed.key"))
+                 path("missing.pem"), path("renewed.pem"), path("renewed.key"),
+                 path("corrupt.pem"))
 
 
 def serving(certs: Certs) -> tuple[str, ...]:
@@ -319,6 +324,10 @@ CANNOT_SERVE = {
                       "does not match the certificate"),
     "a key for a certificate": (lambda c: ["--ssl-certfile", c.server_key],
                                 "holds no PEM certificate"),
+    # Once blamed on the key: "--ssl-keyfile: no private key in server.key".
+    "a corrupt certificate": (lambda c: ["--ssl-certfile", c.corrupt_cert,
+                                         "--ssl-keyfile", c.server_key],
+                              "--ssl-certfile: cannot load the certificate in"),
     "required without CAs": (lambda c: ["--ssl-certfile", c.server_cert, "--ssl-keyfile",
                                         c.server_key, "--ssl-cert-reqs", "required"],
                              "--ssl-cert-reqs required needs --ssl-ca-certs"),

@@ -89,6 +89,19 @@ def read_or_fail(flag: str, path: str) -> bytes:
         raise TlsError(f"{flag}: cannot read {path}: {exc.strerror}") from None
 
 
+def certificate_problem(certfile: str) -> str | None:
+    """Why OpenSSL cannot read the certificates in `certfile`; None if it can.
+
+    load_cert_chain's error does not say which of certificate and key it
+    choked on: a certificate cut short was reported as a missing key.
+    """
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=certfile)
+    except ssl.SSLError as exc:
+        return exc.reason or str(exc)
+    return None
+
+
 def server_context(settings: Settings) -> ssl.SSLContext:
     """The context to serve TLS with; TlsError says in one line what is wrong."""
     check_combination(settings)
@@ -110,6 +123,10 @@ def server_context(settings: Settings) -> ssl.SSLContext:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise TlsError(f"--ssl-keyfile: the key in {key_source} does not match "
                            f"the certificate in {certfile}") from None
+        problem = certificate_problem(certfile)
+        if problem is not None:
+            raise TlsError(f"--ssl-certfile: cannot load the certificate in {certfile} "
+                           f"({problem})") from None
         if password.asked:
             raise TlsError(f"--ssl-keyfile-password does not decrypt the key in "
                            f"{key_source}") from None
