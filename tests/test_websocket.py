@@ -121,6 +121,18 @@ def test_a_trusted_proxy_s_websocket_scheme_is_the_scope_s(edge, proto, scheme):
     assert f"'scheme': '{scheme}'" in scope
 
 
+
+@pytest.mark.parametrize("headers", [
+    {"Cookie": "session=" + "a" * 9000},                    # one line past 8 KB
+    {f"X-Field-{n}": "v" for n in range(200)},              # past 128 fields
+], ids=["a-long-cookie", "many-fields"])
+def test_an_upgrade_takes_the_head_plain_http_takes(edge, headers):
+    # websockets parses the handshake again with tighter limits of its own.
+    with connect(url(edge, "/ws"), open_timeout=TIMEOUT, additional_headers=headers) as ws:
+        ws.send("hello")
+        assert ws.recv(TIMEOUT) == "hello"
+
+
 def test_refused_handshakes_do_not_fill_the_worker_s_queue(start_server):
     # Each refused handshake once left a place taken in the worker's queue;
     # with the queue full, the worker stopped taking connections for good.

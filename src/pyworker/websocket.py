@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 
+import websockets.http11
 from websockets.exceptions import InvalidState
 from websockets.frames import Opcode
 from websockets.http11 import Request
@@ -27,6 +28,15 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from pyworker.flow import WriteFlow
+from pyworker.http import MAX_HEAD_BYTES
+
+# The handshake's head was parsed and bounded by httptools (MAX_HEAD_BYTES)
+# before websockets parses it again, with its own tighter limits (8 KB a
+# line, 128 fields: its documented WEBSOCKETS_MAX_LINE_LENGTH and
+# WEBSOCKETS_MAX_NUM_HEADERS): an upgrade with an 8 KB cookie, which plain
+# HTTP takes, was refused 431.  They are read at each parse.
+websockets.http11.MAX_LINE_LENGTH = max(websockets.http11.MAX_LINE_LENGTH, MAX_HEAD_BYTES)
+websockets.http11.MAX_NUM_HEADERS = max(websockets.http11.MAX_NUM_HEADERS, MAX_HEAD_BYTES // 4)
 
 log = logging.getLogger("cydispatch.worker")
 # websockets says "connection open", "connection closed" and "connection
