@@ -323,6 +323,31 @@ def test_when_replacing_stops_what_max_requests_asked_for_is_tried_again_later()
     assert slots.restarts == {"recycle": 1}
 
 
+def test_a_reload_does_not_wait_behind_a_recycle_to_be_retried():
+    # Replacing stopped; the operator mends what made successors die and
+    # reloads: every slot is replaced now, not once the retry comes.
+    slots = WorkerSlots(None)
+    first, second = slots.add(), slots.add()
+    assert slots.recycle(serving(slots, first, 100))
+    serving(slots, second, 101)
+    for attempt in range(MAX_BOOT_FAILURES):
+        now = first.start_at
+        slots.successor_started(first, worker_for(first, 200 + attempt, now))
+        slots.successor_failed(first, now)
+    assert slots.replacements == [first] and first.start_at > now + 1
+    slots.reload()
+    assert slots.next_to_replace(now) is first
+
+
+def test_a_new_worker_in_a_slot_has_not_asked_to_be_recycled():
+    slots = WorkerSlots(None)
+    slot = slots.add()
+    assert slots.recycle(serving(slots, slot, 100))
+    slot.worker = None                  # it crashed; its slot is started afresh
+    slots.started(slot, worker_for(slot, 101))
+    assert not slot.recycle_wanted and slots.replacements == []
+
+
 def test_later_starts_are_timers_those_due_are_not():
     slots = WorkerSlots(None)
     waiting, due, served = slots.add(), slots.add(), slots.add()

@@ -143,6 +143,7 @@ class WorkerSlots:
 
     def started(self, slot: WorkerSlot, worker: WorkerProcess) -> None:
         slot.worker = worker
+        slot.recycle_wanted = False     # a new worker: whoever asked is gone
         if slot in self.replacements:
             self.replacements.remove(slot)  # a new worker already
 
@@ -237,6 +238,11 @@ class WorkerSlots:
         self.reloading = True
         for slot in self._slots:
             slot.successor_failures = 0
+            if slot.worker is not None:
+                # A replacement retried later (backoff, a recycle after a
+                # failed reload) starts now: the operator asks afresh.  An
+                # empty slot keeps its respawn's backoff.
+                slot.start_at = 0.0
             slot.replace_reason = "reload"
             if slot.successor is not None:
                 slot.replace_again = True

@@ -517,6 +517,7 @@ class Arbiter:
 
     def successor_died(self, slot: WorkerSlot) -> None:
         """A replacement died before it was ready; the old worker still serves."""
+        reloading = self.slots.reloading
         delay = self.slots.successor_failed(slot, time.monotonic())
         if delay is None:
             log.error("Replacement workers die before they are ready (%d times "
@@ -526,12 +527,13 @@ class Arbiter:
                 log.warning("%d workers that reached --max-requests are to be "
                             "replaced again in %.0f s", len(self.slots.replacements),
                             RECYCLE_RETRY_SECONDS)
-            # A reload that systemd was told of ends here too: it waits for
-            # READY=1 after RELOADING=1 (sd_notify(3)), else the unit stays
-            # "reloading" and `systemctl reload` fails at its timeout.
-            self.notifier.ready(f"Serving {self.address} with {len(self.slots)} "
-                                "workers (the reload failed: replacements died "
-                                "before they were ready)")
+            if reloading:
+                # A reload that systemd was told of ends here too: it waits for
+                # READY=1 after RELOADING=1 (sd_notify(3)), else the unit stays
+                # "reloading" and `systemctl reload` fails at its timeout.
+                self.notifier.ready(f"Serving {self.address} with {len(self.slots)} "
+                                    "workers (the reload failed: replacements died "
+                                    "before they were ready)")
             return
         log.warning("A replacement for worker %d died before it was ready; "
                     "trying again in %.1f s", slot.worker.pid if slot.worker else 0,
