@@ -357,11 +357,11 @@ class RequestCycle:
                 lines.append(CHUNKED_HEADER)
             else:
                 self.keep_alive = False     # HTTP/1.0: the end is the close
-        if protocol.close_after or self.expect_continue:
-            # expect_continue: answered before the body was asked for, with
-            # no 100 Continue.  The client may send the body or not (RFC
-            # 9110, 10.1.1): what follows on this connection cannot be told
-            # apart from a next request.
+        if protocol.close_after or (self.expect_continue and not self.body_complete):
+            # Answered before the body was asked for, with no 100 Continue,
+            # and the body is not all in: the client may send it or not (RFC
+            # 9110, 10.1.1), and what follows on this connection cannot be
+            # told apart from a next request.
             self.keep_alive = False
         lines.append(END_OF_HEAD[self.http11, self.keep_alive])
         return b"".join(lines)
@@ -655,8 +655,6 @@ class AsgiProtocol:
             http11 = parser.get_http_version() == "1.1"
         else:
             http11 = keep_alive
-        if http11 and not self.noted & NOTED_HOST:
-            raise RequestRejected(400)      # HTTP/1.1 names its site (RFC 9112, 3.2)
         if self.noted & NOTED_CODING:
             check_transfer_coding(self.headers)
         url = self.url

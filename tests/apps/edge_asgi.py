@@ -208,13 +208,6 @@ async def app(scope, receive, send):
         await start(send, headers=[(b"content-length", b"+5")])
         await send({"type": "http.response.body", "body": b"hello"})
         return
-    if path == "/answer-then-read":
-        # A response started first, then the body read (as a task that
-        # listens for a disconnect would).
-        await start(send)
-        body = await read_body(receive)
-        await send({"type": "http.response.body", "body": b"read %d" % len(body)})
-        return
     if path == "/two-lengths":
         await start(send, headers=[(b"content-length", b"10"), (b"content-length", b"5")])
         await send({"type": "http.response.body", "body": b"hello"})
