@@ -314,7 +314,7 @@ def test_admin_connections_are_few_and_none_lasts(start_server):
             try:
                 conn.sendall(b"G")
                 conn.setblocking(False)
-                closed = conn.recv(1) == b""
+                closed = conn.recv(4096) == b""
             except BlockingIOError:
                 closed = False
             except OSError:
@@ -329,6 +329,7 @@ def test_admin_connections_are_few_and_none_lasts(start_server):
                    message="the connections past the limit closed at once")
         assert tasks() <= before + MAX_CONNECTIONS
         assert time.monotonic() - opened < CONNECTION_SECONDS
+        assert len([conn for conn in held if conn not in open_]) == 4
         wait_until(lambda: time.sleep(0.5) or trickle(), timeout=CONNECTION_SECONDS + 20,
                    message="every trickling connection ended")
         assert time.monotonic() - opened > CONNECTION_SECONDS - 1

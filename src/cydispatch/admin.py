@@ -272,8 +272,9 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         self.answer(*self.page(), with_body=False)
 
     def not_allowed(self) -> None:
+        self.close_connection = True    # its body, unread, is no next request
         self.answer(*json_page(405, {"error": "only GET and HEAD"}),
-                    extra=(("Allow", "GET, HEAD"),))
+                    extra=(("Allow", "GET, HEAD"), ("Connection", "close")))
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = not_allowed  # noqa: N815
 
@@ -295,6 +296,12 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def answer(self, status: int, content_type: str, body: bytes, with_body: bool = True,
                extra: tuple = ()) -> None:
+        server = self.server
+        if server.answering(self.connection, True) > CONNECTION_SECONDS:
+            # Open long enough: this answer is its last (a scraper that
+            # keeps its connection opens another).
+            self.close_connection = True
+            extra = (*extra, ("Connection", "close"))
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -307,6 +314,8 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(body)
         except ConnectionError:
             self.close_connection = True    # the client left (a probe's timeout): nothing to say
+        finally:
+            server.answering(self.connection, False)
 
     def log_message(self, format: str, *args) -> None:
         pass    # scrapes every few seconds would drown the primary's log
@@ -349,7 +358,8 @@ class AdminServer(http.server.ThreadingHTTPServer):
         self.socket = sock
         self.server_address = sock.getsockname()[:2]
         self.snapshot = snapshot
-        self.opened: dict[socket.socket, float] = {}    # connection -> when
+        # Connection -> [when it opened, whether an answer is being written].
+        self.opened: dict[socket.socket, list] = {}
         self.opened_lock = threading.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PrimaryCollector(snapshot))
@@ -360,11 +370,23 @@ class AdminServer(http.server.ThreadingHTTPServer):
         with self.opened_lock:
             full = len(self.opened) >= MAX_CONNECTIONS
             if not full:
-                self.opened[request] = time.monotonic()
+                self.opened[request] = [time.monotonic(), False]
         if full:
-            self.shutdown_request(request)      # closed at once: try again later
+            # Closed at once, unanswered: an answer would need the request
+            # read first (closed unread, the kernel resets the connection
+            # and the answer with it), and so a thread.
+            self.shutdown_request(request)
             return
         super().process_request(request, client_address)
+
+    def answering(self, request, writing: bool) -> float:
+        """Mark `request` as writing an answer (or done); how long it has been open."""
+        with self.opened_lock:
+            entry = self.opened.get(request)
+            if entry is None:
+                return 0.0
+            entry[1] = writing
+            return time.monotonic() - entry[0]
 
     def close_request(self, request) -> None:
         with self.opened_lock:
@@ -375,8 +397,9 @@ class AdminServer(http.server.ThreadingHTTPServer):
         """Between polls of the listener: end connections open too long."""
         now = time.monotonic()
         with self.opened_lock:
-            old = [conn for conn, since in self.opened.items()
-                   if now - since > CONNECTION_SECONDS]
+            # Not one writing its answer: it is cut short after it instead.
+            old = [conn for conn, (since, writing) in self.opened.items()
+                   if now - since > CONNECTION_SECONDS and not writing]
         for conn in old:
             try:
                 conn.shutdown(socket.SHUT_RDWR)     # its thread's read returns
