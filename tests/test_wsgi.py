@@ -172,10 +172,13 @@ def test_a_request_stuck_in_the_app_does_not_keep_an_orphaned_worker(start_serve
 
 
 
-def test_path_info_keeps_the_target_s_bytes(start_server):
+@pytest.mark.parametrize("root", ["", "/v%201"])
+def test_path_info_keeps_the_target_s_bytes(start_server, root):
     # PEP 3333: bytes as latin-1, whatever they are.  Taken from the
-    # UTF-8-decoded ASGI path, /%FF came out as U+FFFD's three bytes.
-    server = start_server("--app-dir", APPS, "wsgi_edge:app", workers=1)
+    # UTF-8-decoded ASGI path, /%FF came out as U+FFFD's three bytes.  The
+    # --root-path (SCRIPT_NAME) prefixed to the raw path comes off as given,
+    # before the target is decoded.
+    server = start_server("--app-dir", APPS, "wsgi_edge:app", "--root-path", root, workers=1)
     for target, expected in [(b"/path-info/%FF", b"/path-info/\xff"),
                              (b"/path-info/caf%C3%A9", "/path-info/café".encode()),
                              (b"/path-info/a%2Fb", b"/path-info/a/b")]:

@@ -756,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("Worker %d leaves %d WSGI threads inside the application",
                     os.getpid(), stuck)
         logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
     return code
 

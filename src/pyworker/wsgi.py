@@ -122,14 +122,20 @@ def build_environ(scope: dict, root_path: str, body: InputStream, threads: int) 
     text, decoded as UTF-8, and bytes that are not (/%FF) would come out
     as U+FFFD.  Gunicorn and waitress keep them too.
     """
+    root = root_path.encode("utf-8")
     raw_path = scope.get("raw_path")    # optional in ASGI; ours always has it
     if raw_path is None:
-        path = scope["path"].encode("utf-8").decode("latin-1")
+        target = scope["path"].encode("utf-8")
     else:
-        path = (unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path).decode("latin-1")
+        # --root-path is prefixed as given, not percent-encoded: off first.
+        if root and raw_path.startswith(root):
+            raw_path = raw_path[len(root):]
+            root = b""
+        target = unquote_to_bytes(raw_path) if b"%" in raw_path else raw_path
+    if root and target.startswith(root):
+        target = target[len(root):]
+    path = target.decode("latin-1")
     script_name = root_path.encode("utf-8").decode("latin-1")
-    if script_name and path.startswith(script_name):
-        path = path[len(script_name):]
     server = scope["server"] or ("localhost", 80)
     client = scope["client"]
     environ = {
@@ -249,7 +255,7 @@ class WsgiApp:
         # Counted in the pool's threads: calls into the app under way, which
         # nothing can interrupt (see threads_in_app).
         self.calls_in_app = 0
-        self.calls_done = threading.Condition()
+        self.calls_done = threading.Condition(threading.Lock())    # not re-entered
         self.saturated = None     # called with True/False as every thread is busy or not
 
     def watch_load(self, saturated) -> None:
