@@ -322,9 +322,10 @@ class Worker:
                         os.getpid())
 
     def close_channel(self) -> None:
-        """The last report, then the channel closed: the primary hears this worker leave."""
-        if self.channel.fileno() < 0:
-            return      # the primary is gone
+        """The last report, then the channel closed: the primary hears this worker leave.
+
+        With the channel closed already (the primary is gone), nothing is sent.
+        """
         if not self.draining:
             # Leaving without a drain (SIGQUIT, or an error out of the
             # loop): said now, the primary starts a successor at once and
