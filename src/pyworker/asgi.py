@@ -633,8 +633,8 @@ class AsgiProtocol:
             raise RequestRejected(431)
         name = name.lower()
         self.headers.append((name, value))
-        if name in NOTED_HEADERS:
-            noted = NOTED_HEADERS[name]
+        noted = NOTED_HEADERS.get(name)
+        if noted is not None:       # one lookup: Host is in every request
             if noted & self.noted & NOTED_HOST:
                 # Two Host fields: which one names the site is anybody's
                 # guess, a proxy's and the app's apart (RFC 9112, 3.2).
