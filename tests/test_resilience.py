@@ -306,15 +306,21 @@ def test_a_worker_killed_by_a_real_time_signal_is_replaced(start_server):
     assert get(server.host, server.port).status == 200
 
 
+def reloaded_while_stuck_at_exit(start_server, graceful: str):
+    """One worker of an app that hangs at exit, just replaced by a reload: (server, old pid)."""
+    server = start_server("hangs_at_exit:app", "--app-dir", APPS,
+                          "--graceful-timeout", graceful, workers=1)
+    [old] = server.started_workers()
+    server.proc.send_signal(signal.SIGHUP)
+    return server, old
+
+
 def test_a_stop_does_not_spin_on_a_retired_worker_past_its_exit_time(start_server):
     # Replaced by a reload, the old worker hangs at exit; a stop comes before
     # the time it is to be killed by (--graceful-timeout + 2 s after the
     # reload), and lasts past it.  The stop's own deadline kills it; until
     # then the primary has nothing to do.
-    server = start_server("hangs_at_exit:app", "--app-dir", APPS,
-                          "--graceful-timeout", "5", workers=1)
-    [old] = server.started_workers()
-    server.proc.send_signal(signal.SIGHUP)
+    server, old = reloaded_while_stuck_at_exit(start_server, "5")
     server.wait_for_log(r"Reload complete")
     time.sleep(2)       # the stop's deadline falls 2 s after the old one's
     assert alive(old)
@@ -502,10 +508,7 @@ def test_a_worker_that_drains_on_its_own_is_replaced_at_once(start_server):
 
 
 def test_a_worker_stuck_at_exit_is_killed_after_the_graceful_timeout(start_server):
-    server = start_server("hangs_at_exit:app", "--app-dir", APPS,
-                          "--graceful-timeout", "1", workers=1)
-    [old] = server.started_workers()
-    server.proc.send_signal(signal.SIGHUP)
+    server, old = reloaded_while_stuck_at_exit(start_server, "1")
     server.wait_for_log(rf"Worker \d+ replaces worker {old}")
     server.wait_for_log(rf"Worker {old} did not exit within --graceful-timeout 1 s; "
                         r"killing it")
